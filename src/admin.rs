@@ -1,0 +1,245 @@
+//! The admin HTTP API, on loopback by default.
+//!
+//! | route | token | purpose |
+//! |---|---|---|
+//! | `POST /api/v1/tunnels` | yes | issue a tunnel (credential + reserved port) |
+//! | `GET /api/v1/tunnels` | yes | list tunnels with live status |
+//! | `GET /api/v1/tunnels/{id}` | yes | one tunnel |
+//! | `DELETE /api/v1/tunnels/{id}` | yes | revoke |
+//! | `GET /healthz` | no | liveness: the process serves HTTP |
+//! | `GET /readyz` | no | readiness: listeners bound, keys and state loaded, not draining |
+//! | `GET /metrics` | no | Prometheus text; no user names, no secrets |
+//!
+//! The token is compared in constant time. Errors are `{"error": "..."}`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::broker::{Broker, IssueError, IssueRequest};
+use crate::grants::Grant;
+use crate::tunnels::LiveStatus;
+
+/// Shared state of the admin handlers.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The broker.
+    pub broker: Broker,
+    /// Flipped on once serving, off when draining.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The whole admin app; tests call it without a socket.
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/tunnels", get(list).post(issue))
+        .route("/api/v1/tunnels/{id}", get(show).delete(revoke))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(state)
+}
+
+/// A JSON error answer.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing 'Authorization: Bearer <admin token>'",
+        ),
+        Some(token) if state.broker.admin_token().matches(token.trim()) => next.run(req).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "wrong admin token"),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.ready.load(Ordering::Acquire) {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        error(StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let body = state.broker.metrics().render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// The body of `POST /api/v1/tunnels`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueBody {
+    /// JupyterHub user name.
+    pub user: String,
+    /// JupyterHub server name.
+    #[serde(default)]
+    pub server_name: String,
+    /// Lifetime in seconds.
+    pub ttl_seconds: Option<u64>,
+    /// The job's own public key.
+    pub public_key: Option<String>,
+}
+
+/// A tunnel as the API shows it.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq)]
+pub struct TunnelView {
+    /// Tunnel id.
+    pub id: String,
+    /// JupyterHub user.
+    pub user: String,
+    /// JupyterHub server name.
+    pub server_name: String,
+    /// Reserved hub port.
+    pub port: u16,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub expires_at: String,
+    /// active, revoked or expired.
+    pub state: String,
+    /// The SSH user jobs log in as.
+    pub ssh_user: String,
+    /// The host name jobs dial, if configured.
+    pub ssh_host: Option<String>,
+    /// The SSH port jobs dial.
+    pub ssh_port: u16,
+    /// Pins the broker's host key for the job.
+    pub known_hosts: String,
+    /// The job key's fingerprint.
+    pub fingerprint: String,
+    /// A job session holds the forward.
+    pub connected: bool,
+    /// RFC 3339, while connected.
+    pub connected_since: Option<String>,
+    /// The job's address, while connected.
+    pub peer: Option<String>,
+    /// Bytes from hub clients to the job.
+    pub bytes_to_job: u64,
+    /// Bytes from the job to hub clients.
+    pub bytes_from_job: u64,
+    /// The proxy route's state.
+    pub route: String,
+    /// Only in the answer to an issue request that generated the key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+}
+
+fn view(broker: &Broker, grant: &Grant, live: Option<&LiveStatus>) -> TunnelView {
+    let config = broker.config();
+    let state = grant.ended().map_or("active", |e| e.reason.as_str());
+    let link = live.and_then(|l| l.link);
+    TunnelView {
+        id: grant.id().to_owned(),
+        user: grant.user().to_owned(),
+        server_name: grant.server_name().to_owned(),
+        port: grant.port(),
+        created_at: rfc3339(grant.created_at()),
+        expires_at: rfc3339(grant.expires_at()),
+        state: state.to_owned(),
+        ssh_user: config.ssh.user.clone(),
+        ssh_host: config.ssh.public_host.clone(),
+        ssh_port: broker.ssh_port(),
+        known_hosts: broker.known_hosts_line(),
+        fingerprint: grant.fingerprint().to_owned(),
+        connected: link.is_some(),
+        connected_since: link.map(|(since, _)| {
+            rfc3339(
+                since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or(Duration::ZERO)
+                    .as_secs(),
+            )
+        }),
+        peer: link.map(|(_, peer)| peer.to_string()),
+        bytes_to_job: live.map_or(0, |l| l.bytes_to_job),
+        bytes_from_job: live.map_or(0, |l| l.bytes_from_job),
+        route: "disabled".into(),
+        private_key: None,
+    }
+}
+
+/// Unix seconds as RFC 3339 UTC.
+pub fn rfc3339(secs: u64) -> String {
+    let t = i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+async fn issue(
+    State(state): State<AdminState>,
+    body: Result<Json<IssueBody>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let req = IssueRequest {
+        user: body.user,
+        server_name: body.server_name,
+        ttl: body.ttl_seconds.map(Duration::from_secs),
+        public_key: body.public_key,
+    };
+    match state.broker.issue(req).await {
+        Ok(issued) => {
+            let live = state.broker.get(issued.grant.id()).and_then(|(_, l)| l);
+            let mut v = view(&state.broker, &issued.grant, live.as_ref());
+            v.private_key = issued.private_key.map(|k| k.expose().to_owned());
+            (StatusCode::CREATED, Json(v)).into_response()
+        }
+        Err(e @ IssueError::BadRequest(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ (IssueError::NoPort(_) | IssueError::Store(_))) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+    }
+}
+
+async fn list(State(state): State<AdminState>) -> Response {
+    let tunnels: Vec<TunnelView> = state
+        .broker
+        .list()
+        .iter()
+        .map(|(g, live)| view(&state.broker, g, live.as_ref()))
+        .collect();
+    Json(json!({ "tunnels": tunnels })).into_response()
+}
+
+async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    match state.broker.get(&id) {
+        Some((g, live)) => Json(view(&state.broker, &g, live.as_ref())).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no tunnel {id}")),
+    }
+}
+
+async fn revoke(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    match state.broker.revoke(&id).await {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no tunnel {id}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}

@@ -1,0 +1,468 @@
+//! The broker: issues, revokes and expires tunnels, keeping grants, ports, listeners and the
+//! store in step. The admin API and the SSH layer both talk to it and to nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
+use crate::keys::Keys;
+use crate::metrics::Metrics;
+use crate::ports::{PoolError, PortPool};
+use crate::secret::Secret;
+use crate::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
+use crate::tunnels::{Link, LiveStatus, Tunnels};
+
+/// What the spawner asks for.
+#[derive(Debug, Clone, Default)]
+pub struct IssueRequest {
+    /// JupyterHub user name.
+    pub user: String,
+    /// JupyterHub server name, "" for the default server.
+    pub server_name: String,
+    /// Requested lifetime; the configured default when None.
+    pub ttl: Option<Duration>,
+    /// The job's own public key (OpenSSH one-line form); the broker makes one when None.
+    pub public_key: Option<String>,
+}
+
+/// A freshly issued tunnel.
+#[derive(Debug)]
+pub struct Issued {
+    /// The grant.
+    pub grant: Arc<Grant>,
+    /// The private key the broker made, returned once and never stored.
+    pub private_key: Option<Secret>,
+}
+
+/// Why an issue request failed; each maps to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The request itself is wrong (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No hub port is free (503).
+    #[error("{0}")]
+    NoPort(PoolError),
+    /// The state store could not record it (503): nothing was issued.
+    #[error("state store unavailable: {0:#}")]
+    Store(anyhow::Error),
+}
+
+/// Shared handle to the broker.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    keys: Keys,
+    grants: Grants,
+    tunnels: Tunnels,
+    ports: Arc<PortPool>,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    ssh_port: u16,
+}
+
+impl Broker {
+    /// Builds the broker from loaded parts and restores every stored tunnel: reservations are
+    /// bound again, expired ones marked, ended ones past retention purged.
+    pub async fn open(
+        config: Config,
+        keys: Keys,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        ssh_addr: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let ports = Arc::new(PortPool::new(
+            config.tunnels.ports,
+            config.tunnels.bind_address,
+        ));
+        let tunnels = Tunnels::new(
+            Arc::clone(&ports),
+            metrics.clone(),
+            config.tunnels.write_timeout,
+        );
+        let ssh_port = config.ssh_public_port(ssh_addr);
+        let broker = Self {
+            inner: Arc::new(Inner {
+                config,
+                keys,
+                grants: Grants::default(),
+                tunnels,
+                ports,
+                store,
+                metrics,
+                ssh_port,
+            }),
+        };
+        broker.restore().await?;
+        Ok(broker)
+    }
+
+    async fn restore(&self) -> anyhow::Result<()> {
+        let store = Arc::clone(&self.inner.store);
+        let records = tokio::task::spawn_blocking(move || store.load())
+            .await
+            .context("loading state")??;
+        let now = unix_now();
+        let (mut active, mut kept) = (0, 0);
+        for mut record in records {
+            if record.ended.is_none() && now >= record.expires_at {
+                record.ended = Some(Ended {
+                    at: record.expires_at,
+                    reason: EndReason::Expired,
+                });
+                info!(target: "audit", event = "expired", tunnel = %record.id, user = %record.user, server = %record.server_name, port = record.port, "expired while the broker was down");
+                self.persist(record.clone()).await?;
+            }
+            if let Some(ended) = record.ended {
+                if ended.at + self.inner.config.tunnels.retention.as_secs() <= now {
+                    self.unpersist(record.id.clone()).await?;
+                } else {
+                    kept += 1;
+                    let grant = Arc::new(Grant::new(record));
+                    if self.inner.grants.insert(grant).is_err() {
+                        warn!("duplicate key in stored ended tunnel; skipped");
+                    }
+                }
+                continue;
+            }
+            let listener = match self.inner.ports.reserve_exact(record.port) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    error!(tunnel = %record.id, port = record.port, error = %e, "cannot bind a restored tunnel's port; retrying in the background");
+                    self.inner.ports.mark_reserved(record.port);
+                    None
+                }
+            };
+            let grant = Arc::new(Grant::new(record));
+            if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
+                warn!(tunnel = %grant.id(), "duplicate key in stored tunnel; skipped");
+                self.inner.ports.release(grant.port());
+                continue;
+            }
+            self.inner.tunnels.start(grant, listener);
+            active += 1;
+        }
+        self.update_port_gauge();
+        info!(active, ended = kept, "state restored");
+        Ok(())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The admin API's bearer token.
+    pub fn admin_token(&self) -> &Secret {
+        &self.inner.keys.admin_token
+    }
+
+    /// The host key, for the SSH server.
+    pub fn host_key(&self) -> &PrivateKey {
+        &self.inner.keys.host_key
+    }
+
+    /// The port jobs connect to.
+    pub fn ssh_port(&self) -> u16 {
+        self.inner.ssh_port
+    }
+
+    /// The `known_hosts` line handed to jobs.
+    pub fn known_hosts_line(&self) -> String {
+        self.inner.keys.known_hosts_line(
+            self.inner.config.ssh.public_host.as_deref(),
+            self.inner.ssh_port,
+        )
+    }
+
+    /// Issues a tunnel: validates, reserves a port, persists, then starts serving the port.
+    pub async fn issue(&self, req: IssueRequest) -> Result<Issued, IssueError> {
+        validate_name("user", &req.user, false)?;
+        validate_name("server_name", &req.server_name, true)?;
+        let cfg = &self.inner.config.tunnels;
+        let ttl = req.ttl.unwrap_or(cfg.default_ttl);
+        if ttl.is_zero() {
+            return Err(IssueError::BadRequest(
+                "ttl_seconds must be above zero".into(),
+            ));
+        }
+        if ttl > cfg.max_ttl {
+            return Err(IssueError::BadRequest(format!(
+                "ttl_seconds {} is over the maximum {} ({})",
+                ttl.as_secs(),
+                cfg.max_ttl.as_secs(),
+                humantime::format_duration(cfg.max_ttl)
+            )));
+        }
+        let (public, private_key) = match &req.public_key {
+            Some(text) => {
+                let key = PublicKey::from_openssh(text.trim()).map_err(|e| {
+                    IssueError::BadRequest(format!("public_key is not an OpenSSH public key: {e}"))
+                })?;
+                (key, None)
+            }
+            None => {
+                let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
+                    .map_err(|e| IssueError::Store(anyhow::anyhow!("generating a key: {e}")))?;
+                let pem = key
+                    .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+                    .map_err(|e| IssueError::Store(anyhow::anyhow!("encoding a key: {e}")))?;
+                (key.public_key().clone(), Some(Secret::new(pem.as_str())))
+            }
+        };
+        let mut public_clean = public.clone();
+        public_clean.set_comment("");
+        let public_text = public_clean
+            .to_openssh()
+            .map_err(|e| IssueError::BadRequest(format!("public_key cannot be encoded: {e}")))?;
+        let fingerprint = public.fingerprint(HashAlg::Sha256).to_string();
+
+        let (port, listener) = self.inner.ports.reserve().map_err(IssueError::NoPort)?;
+        let now = unix_now();
+        let record = TunnelRecord {
+            id: new_id(),
+            user: req.user,
+            server_name: req.server_name,
+            port,
+            public_key: public_text,
+            fingerprint,
+            created_at: now,
+            expires_at: now + ttl.as_secs(),
+            ended: None,
+        };
+        let grant = Arc::new(Grant::new(record.clone()));
+        if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
+            drop(listener);
+            self.inner.ports.release(port);
+            return Err(IssueError::BadRequest(
+                "this public key is already used by another tunnel".into(),
+            ));
+        }
+        if let Err(e) = self.persist(record).await {
+            self.inner.grants.remove(grant.id());
+            drop(listener);
+            self.inner.ports.release(port);
+            error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
+            return Err(IssueError::Store(e));
+        }
+        self.inner.tunnels.start(Arc::clone(&grant), Some(listener));
+        self.inner.metrics.tunnels_issued.inc();
+        self.update_port_gauge();
+        info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), generated_key = private_key.is_some(), "tunnel issued");
+        Ok(Issued { grant, private_key })
+    }
+
+    /// Revokes tunnel `id`: refuses its key from now on, disconnects its session, frees its
+    /// port. Revoking an ended tunnel is a no-op. The revocation holds in memory even when the
+    /// store cannot record it; the error then says so.
+    pub async fn revoke(&self, id: &str) -> Result<bool, anyhow::Error> {
+        let Some(grant) = self.inner.grants.get(id) else {
+            return Ok(false);
+        };
+        self.end(&grant, EndReason::Revoked).await?;
+        Ok(true)
+    }
+
+    async fn end(&self, grant: &Arc<Grant>, reason: EndReason) -> anyhow::Result<()> {
+        if !grant.end(Ended {
+            at: unix_now(),
+            reason,
+        }) {
+            return Ok(());
+        }
+        let message = match reason {
+            EndReason::Revoked => "credential revoked",
+            EndReason::Expired => "credential expired",
+        };
+        self.inner.tunnels.close(grant.id(), message);
+        self.inner
+            .metrics
+            .tunnel_revocations
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.update_port_gauge();
+        info!(target: "audit", event = reason.as_str(), tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), "tunnel ended");
+        self.persist(grant.to_record())
+            .await
+            .context("the tunnel is ended in memory, but the state store could not record it")
+    }
+
+    /// Ends expired tunnels and forgets ended ones past retention; runs once a second.
+    pub async fn reap(&self) {
+        let now = unix_now();
+        let retention = self.inner.config.tunnels.retention.as_secs();
+        for grant in self.inner.grants.all() {
+            match grant.ended() {
+                None if now >= grant.expires_at() => {
+                    if let Err(e) = self.end(&grant, EndReason::Expired).await {
+                        error!(tunnel = %grant.id(), error = %format!("{e:#}"), "expiry not persisted");
+                    }
+                }
+                Some(ended) if ended.at + retention <= now => {
+                    match self.unpersist(grant.id().to_owned()).await {
+                        Ok(()) => {
+                            self.inner.grants.remove(grant.id());
+                        }
+                        // Kept in memory and retried next tick, so the record cannot outlive us on disk.
+                        Err(e) => {
+                            error!(tunnel = %grant.id(), error = %format!("{e:#}"), "purge not persisted")
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs `reap` every second until `cancel`.
+    pub async fn run_reaper(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => self.reap().await,
+            }
+        }
+    }
+
+    /// Decides an SSH public-key login.
+    pub fn authenticate(&self, user: &str, key: &PublicKey) -> Result<Arc<Grant>, AuthRefusal> {
+        let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
+        self.inner
+            .grants
+            .authenticate(&self.inner.config.ssh.user, user, &fingerprint, unix_now())
+    }
+
+    /// Decides a `tcpip-forward` request and, if granted, links the session to the tunnel.
+    pub fn forward(
+        &self,
+        grant: &Grant,
+        address: &str,
+        port: u32,
+        link: Arc<Link>,
+    ) -> Result<u16, ForwardRefusal> {
+        check_forward(grant, address, port)?;
+        if grant.ended().is_some() || unix_now() >= grant.expires_at() {
+            return Err(ForwardRefusal::Ended);
+        }
+        self.inner.tunnels.attach(grant.id(), link)
+    }
+
+    /// Unlinks a session from its tunnel (session end or `cancel-tcpip-forward`).
+    pub fn unlink(&self, grant: &Grant, session_id: u64) -> bool {
+        self.inner.tunnels.detach(grant.id(), session_id)
+    }
+
+    /// Every tunnel with its live status, newest first.
+    pub fn list(&self) -> Vec<(Arc<Grant>, Option<LiveStatus>)> {
+        let mut all: Vec<_> = self
+            .inner
+            .grants
+            .all()
+            .into_iter()
+            .map(|g| {
+                let live = self.inner.tunnels.status(g.id());
+                (g, live)
+            })
+            .collect();
+        all.sort_by(|a, b| {
+            b.0.created_at()
+                .cmp(&a.0.created_at())
+                .then_with(|| a.0.id().cmp(b.0.id()))
+        });
+        all
+    }
+
+    /// One tunnel with its live status.
+    pub fn get(&self, id: &str) -> Option<(Arc<Grant>, Option<LiveStatus>)> {
+        let grant = self.inner.grants.get(id)?;
+        let live = self.inner.tunnels.status(id);
+        Some((grant, live))
+    }
+
+    fn update_port_gauge(&self) {
+        let free = i64::try_from(self.inner.ports.free()).unwrap_or(i64::MAX);
+        self.inner.metrics.ports_free.set(free);
+    }
+
+    async fn persist(&self, record: TunnelRecord) -> anyhow::Result<()> {
+        let store = Arc::clone(&self.inner.store);
+        tokio::task::spawn_blocking(move || store.put(&record))
+            .await
+            .context("store task")?
+    }
+
+    async fn unpersist(&self, id: String) -> anyhow::Result<()> {
+        let store = Arc::clone(&self.inner.store);
+        tokio::task::spawn_blocking(move || store.remove(&id))
+            .await
+            .context("store task")?
+    }
+}
+
+/// `tb_` + 128 random bits in hex: unguessable, so an id alone grants nothing.
+fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    rand::fill(&mut bytes);
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("tb_{hex}")
+}
+
+/// JupyterHub names are free text, but they end up in logs and route paths: refuse control
+/// characters and '/', and bound the length.
+fn validate_name(field: &str, value: &str, may_be_empty: bool) -> Result<(), IssueError> {
+    if value.is_empty() && !may_be_empty {
+        return Err(IssueError::BadRequest(format!("{field} must not be empty")));
+    }
+    if value.len() > 255 {
+        return Err(IssueError::BadRequest(format!(
+            "{field} is longer than 255 bytes"
+        )));
+    }
+    if value.chars().any(|c| c.is_control() || c == '/') {
+        return Err(IssueError::BadRequest(format!(
+            "{field} must not contain '/' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("user", "alice", false).is_ok());
+        assert!(validate_name("user", "a@b.c", false).is_ok());
+        assert!(validate_name("user", "", false).is_err());
+        assert!(validate_name("server_name", "", true).is_ok());
+        assert!(validate_name("user", "a/b", false).is_err());
+        assert!(validate_name("user", "a\nb", false).is_err());
+        assert!(validate_name("user", &"x".repeat(256), false).is_err());
+    }
+
+    #[test]
+    fn ids_are_distinct() {
+        let a = new_id();
+        assert!(a.starts_with("tb_") && a.len() == 35);
+        assert_ne!(a, new_id());
+    }
+}

@@ -1,0 +1,418 @@
+//! The TOML configuration: serde structs, named defaults, one load path, `validate()`.
+//!
+//! Every key has a default, so an empty file (or no file) is a working config. Unknown keys are
+//! refused: a typo in a security setting must not silently fall back to the default.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use serde::{Deserialize, Deserializer};
+
+/// The whole broker configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Host key and admin token live here (created 0700 on first run).
+    pub keys_dir: PathBuf,
+    /// The embedded state store lives here.
+    pub state_dir: PathBuf,
+    /// The SSH listener jobs connect to.
+    pub ssh: SshConfig,
+    /// The hub-side listeners and the credentials that reserve them.
+    pub tunnels: TunnelsConfig,
+    /// The loopback admin HTTP API.
+    pub admin: AdminConfig,
+    /// Routes in configurable-http-proxy.
+    pub chp: ChpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            keys_dir: PathBuf::from("keys"),
+            state_dir: PathBuf::from("state"),
+            ssh: SshConfig::default(),
+            tunnels: TunnelsConfig::default(),
+            admin: AdminConfig::default(),
+            chp: ChpConfig::default(),
+        }
+    }
+}
+
+/// `[ssh]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SshConfig {
+    /// Where jobs connect. Compute nodes must reach it, hence all interfaces by default.
+    pub listen: SocketAddr,
+    /// The only SSH user name a credential is accepted under.
+    pub user: String,
+    /// The host name jobs use to reach the broker; pins the host key in `known_hosts`.
+    pub public_host: Option<String>,
+    /// The port jobs use, when a NAT or port forward differs from `listen`.
+    pub public_port: Option<u16>,
+    /// Idle sessions are probed this often; a quiet notebook is never cut.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// Unanswered probes before a peer is declared dead.
+    pub keepalive_max: usize,
+    /// Failed authentications before a connection is dropped.
+    pub max_auth_attempts: usize,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+            user: "tunnelbot".into(),
+            public_host: None,
+            public_port: None,
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
+            max_auth_attempts: 6,
+        }
+    }
+}
+
+/// `[tunnels]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelsConfig {
+    /// Hub-side listeners bind here; CHP must reach it.
+    pub bind_address: IpAddr,
+    /// The hub ports credentials reserve from, inclusive.
+    pub ports: PortRange,
+    /// Credential lifetime when the request names none.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Longest lifetime a request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// How long a revoked or expired tunnel stays listed, so a spawner's poll sees why it ended.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Bound on a write to a hub-side client that stopped reading; see `tunnels.rs`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+impl Default for TunnelsConfig {
+    fn default() -> Self {
+        Self {
+            bind_address: IpAddr::from([127, 0, 0, 1]),
+            // Below Linux's ephemeral range (32768-60999), so outgoing connections never hold one.
+            ports: PortRange {
+                first: 20000,
+                last: 29999,
+            },
+            default_ttl: Duration::from_secs(8 * 3600),
+            max_ttl: Duration::from_secs(7 * 24 * 3600),
+            retention: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin API; it can issue credentials, so loopback unless explicitly opted out.
+    pub listen: SocketAddr,
+    /// Allow `listen` on a non-loopback address.
+    pub allow_non_loopback: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            allow_non_loopback: false,
+        }
+    }
+}
+
+/// `[chp]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChpConfig {
+    /// Register routes in CHP; off for sites where the spawner alone drives routes.
+    pub enabled: bool,
+    /// CHP's REST API.
+    pub api_url: String,
+    /// A file holding CHP's token; when unset, `CONFIGPROXY_AUTH_TOKEN` is read.
+    pub token_file: Option<PathBuf>,
+    /// JupyterHub's `base_url`.
+    pub base_url: String,
+    /// The host written into route targets; must equal what the spawner returns.
+    pub target_host: String,
+    /// How often CHP's table is compared with the live tunnels.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// JupyterHub's API (`http://hub:8081/hub/api`), to ask the hub to restore its own routes
+    /// after a CHP restart.
+    pub hub_api_url: Option<String>,
+    /// A file holding a hub API token with the `proxy` scope.
+    pub hub_token_file: Option<PathBuf>,
+}
+
+impl Default for ChpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            api_url: "http://127.0.0.1:8001".into(),
+            token_file: None,
+            base_url: "/".into(),
+            target_host: "127.0.0.1".into(),
+            reconcile_interval: Duration::from_secs(5),
+            hub_api_url: None,
+            hub_token_file: None,
+        }
+    }
+}
+
+/// An inclusive port range written `"20000-29999"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port, inclusive.
+    pub first: u16,
+    /// Last port, inclusive.
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.last) - usize::from(self.first) + 1
+    }
+
+    /// Always false: an empty range does not parse.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether `port` is in the range.
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        let (a, b) = s
+            .split_once('-')
+            .with_context(|| format!("port range {s:?} must look like \"20000-29999\""))?;
+        let first: u16 = a
+            .trim()
+            .parse()
+            .with_context(|| format!("bad port {a:?}"))?;
+        let last: u16 = b
+            .trim()
+            .parse()
+            .with_context(|| format!("bad port {b:?}"))?;
+        ensure!(first > 0, "port range {s:?} must not include port 0");
+        ensure!(first <= last, "port range {s:?} is empty");
+        Ok(Self { first, last })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map_err(|e: anyhow::Error| serde::de::Error::custom(format!("{e:#}")))
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, or returns the embedded defaults when `path` is None.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let config = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config {}", path.display()))?;
+                Self::parse(&text).with_context(|| format!("in config {}", path.display()))?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Checks what serde cannot: relations between keys and security opt-ins.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let admin = self.admin.listen.ip();
+        if !admin.is_loopback() && !self.admin.allow_non_loopback {
+            bail!(
+                "admin.listen = {} is not a loopback address; the admin API issues credentials, \
+                 so set admin.allow_non_loopback = true if you really mean it",
+                self.admin.listen
+            );
+        }
+        ensure!(!self.ssh.user.is_empty(), "ssh.user must not be empty");
+        ensure!(
+            !self.ssh.keepalive_interval.is_zero(),
+            "ssh.keepalive_interval must be above zero: dead peers would never be detected"
+        );
+        ensure!(
+            self.ssh.keepalive_max > 0,
+            "ssh.keepalive_max must be at least 1"
+        );
+        ensure!(
+            self.ssh.max_auth_attempts > 0,
+            "ssh.max_auth_attempts must be at least 1"
+        );
+        ensure!(
+            !self.tunnels.max_ttl.is_zero(),
+            "tunnels.max_ttl must be above zero"
+        );
+        ensure!(
+            !self.tunnels.default_ttl.is_zero() && self.tunnels.default_ttl <= self.tunnels.max_ttl,
+            "tunnels.default_ttl ({}) must be above zero and at most tunnels.max_ttl ({})",
+            humantime::format_duration(self.tunnels.default_ttl),
+            humantime::format_duration(self.tunnels.max_ttl)
+        );
+        ensure!(
+            !self.tunnels.write_timeout.is_zero(),
+            "tunnels.write_timeout must be above zero"
+        );
+        let ssh_port = self.ssh.listen.port();
+        ensure!(
+            !self.tunnels.ports.contains(ssh_port),
+            "tunnels.ports {} contains ssh.listen's port {ssh_port}",
+            self.tunnels.ports
+        );
+        ensure!(
+            !self.tunnels.ports.contains(self.admin.listen.port()),
+            "tunnels.ports {} contains admin.listen's port {}",
+            self.tunnels.ports,
+            self.admin.listen.port()
+        );
+        if self.chp.enabled {
+            ensure!(
+                self.chp.api_url.starts_with("http://") || self.chp.api_url.starts_with("https://"),
+                "chp.api_url {:?} must start with http:// or https://",
+                self.chp.api_url
+            );
+            ensure!(
+                self.chp.base_url.starts_with('/') && self.chp.base_url.ends_with('/'),
+                "chp.base_url {:?} must start and end with '/' (JupyterHub's base_url)",
+                self.chp.base_url
+            );
+            ensure!(
+                !self.chp.target_host.is_empty(),
+                "chp.target_host must not be empty"
+            );
+            ensure!(
+                !self.chp.reconcile_interval.is_zero(),
+                "chp.reconcile_interval must be above zero"
+            );
+        }
+        Ok(())
+    }
+
+    /// The port jobs are told to connect to.
+    pub fn ssh_public_port(&self, bound: SocketAddr) -> u16 {
+        self.ssh.public_port.unwrap_or(bound.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = Config::parse("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.ssh.listen.port(), 2222);
+        assert_eq!(c.ssh.user, "tunnelbot");
+        assert_eq!(
+            c.tunnels.ports,
+            PortRange {
+                first: 20000,
+                last: 29999
+            }
+        );
+        assert_eq!(c.tunnels.default_ttl, Duration::from_secs(8 * 3600));
+        assert!(c.admin.listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn example_config_parses_and_equals_the_defaults() {
+        let text = include_str!("../config/tunnelbot.example.toml");
+        let c = Config::parse(text).unwrap();
+        c.validate().unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{c:?}"), format!("{d:?}"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Config::parse("[ssh]\nlisten_addr = \"0.0.0.0:22\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("unknown field"), "{err:#}");
+        assert!(Config::parse("typo = 1\n").is_err());
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!("1-1".parse::<PortRange>().unwrap().len(), 1);
+        assert_eq!("20000-29999".parse::<PortRange>().unwrap().len(), 10000);
+        for bad in ["", "5", "9-5", "0-10", "a-b", "1-70000", "-"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad:?} parsed");
+        }
+        let err = Config::parse("[tunnels]\nports = \"30000-20000\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("empty"), "{err:#}");
+    }
+
+    #[test]
+    fn non_loopback_admin_needs_opt_in() {
+        let c = Config::parse("[admin]\nlisten = \"0.0.0.0:8090\"\n").unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(format!("{err:#}").contains("allow_non_loopback"), "{err:#}");
+        let c = Config::parse("[admin]\nlisten = \"0.0.0.0:8090\"\nallow_non_loopback = true\n")
+            .unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn durations_and_ttls() {
+        let c = Config::parse("[tunnels]\ndefault_ttl = \"2h\"\nmax_ttl = \"1d\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tunnels.max_ttl, Duration::from_secs(86400));
+        let c = Config::parse("[tunnels]\ndefault_ttl = \"2d\"\nmax_ttl = \"1d\"\n").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::parse("[tunnels]\nmax_ttl = \"soon\"\n").is_err());
+    }
+
+    #[test]
+    fn ssh_port_inside_tunnel_range_is_refused() {
+        let c = Config::parse("[ssh]\nlisten = \"0.0.0.0:20001\"\n").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn chp_base_url_shape() {
+        let c = Config::parse("[chp]\nbase_url = \"/jh\"\n").unwrap();
+        assert!(c.validate().is_err());
+        let c = Config::parse("[chp]\nenabled = false\nbase_url = \"/jh\"\n").unwrap();
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,349 @@
+//! Per-job credentials: who may log in, as which JupyterHub server, and which hub port they get.
+//!
+//! Invariants: one `Grant` per issued tunnel id; a key fingerprint indexes at most one grant
+//! (re-using a key for a second grant is refused at issue); a grant's port never changes. Only
+//! `ended` changes after issue. This module is plain Rust: the SSH layer asks it questions and
+//! translates the answers.
+
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+
+use crate::store::{Ended, TunnelRecord};
+
+/// One issued credential and the port it reserves.
+#[derive(Debug)]
+pub struct Grant {
+    /// Everything but `ended` is fixed at issue.
+    record: TunnelRecord,
+    ended: Mutex<Option<Ended>>,
+}
+
+impl Grant {
+    /// Wraps a stored record.
+    pub fn new(record: TunnelRecord) -> Self {
+        let ended = Mutex::new(record.ended);
+        Self { record, ended }
+    }
+
+    /// Tunnel id.
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// JupyterHub user.
+    pub fn user(&self) -> &str {
+        &self.record.user
+    }
+
+    /// JupyterHub server name ("" for the default server).
+    pub fn server_name(&self) -> &str {
+        &self.record.server_name
+    }
+
+    /// The reserved hub port.
+    pub fn port(&self) -> u16 {
+        self.record.port
+    }
+
+    /// The job key's SHA-256 fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.record.fingerprint
+    }
+
+    /// Unix seconds.
+    pub fn created_at(&self) -> u64 {
+        self.record.created_at
+    }
+
+    /// Unix seconds.
+    pub fn expires_at(&self) -> u64 {
+        self.record.expires_at
+    }
+
+    /// Why and when it ended, if it has.
+    pub fn ended(&self) -> Option<Ended> {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends the grant; returns false if it had already ended (the first reason stands).
+    pub fn end(&self, ended: Ended) -> bool {
+        let mut slot = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(ended);
+        true
+    }
+
+    /// The record as it should be stored now.
+    pub fn to_record(&self) -> TunnelRecord {
+        TunnelRecord {
+            ended: self.ended(),
+            ..self.record.clone()
+        }
+    }
+}
+
+/// Why a login was refused; each maps to an audit line and a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthRefusal {
+    /// No grant holds this key.
+    #[error("unknown key")]
+    UnknownKey,
+    /// The grant's lifetime is over.
+    #[error("credential expired")]
+    Expired,
+    /// The grant was revoked.
+    #[error("credential revoked")]
+    Revoked,
+    /// The key is valid but the SSH user name is not the configured one.
+    #[error("wrong ssh user")]
+    WrongUser,
+}
+
+impl AuthRefusal {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnknownKey => "unknown_key",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::WrongUser => "wrong_user",
+        }
+    }
+}
+
+/// Why a remote forward was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ForwardRefusal {
+    /// The request named another port than the reserved one.
+    #[error("port {requested} is not this credential's port {reserved}")]
+    WrongPort {
+        /// What the client asked for.
+        requested: u32,
+        /// The grant's port.
+        reserved: u16,
+    },
+    /// The request asked to listen on a non-loopback address.
+    #[error("bind address is not loopback")]
+    NotLoopback,
+    /// This session already holds the forward.
+    #[error("this session already holds the forward")]
+    AlreadyForwarding,
+    /// The request came before a successful login.
+    #[error("not authenticated")]
+    NotAuthenticated,
+    /// The grant ended while the session was up.
+    #[error("credential no longer valid")]
+    Ended,
+    /// The reserved port could not be bound (another process holds it).
+    #[error("reserved port unavailable")]
+    PortUnavailable,
+    /// Unix-socket forwards are never granted.
+    #[error("unix socket forwarding is not allowed")]
+    UnixSocket,
+}
+
+impl ForwardRefusal {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WrongPort { .. } => "wrong_port",
+            Self::NotLoopback => "not_loopback",
+            Self::AlreadyForwarding => "already_forwarding",
+            Self::NotAuthenticated => "not_authenticated",
+            Self::Ended => "ended",
+            Self::PortUnavailable => "port_unavailable",
+            Self::UnixSocket => "unix_socket",
+        }
+    }
+}
+
+/// Checks a `tcpip-forward` request against the grant: port 0 or exactly the reserved port,
+/// and a bind address that means loopback. OpenSSH sends "localhost" when `-R` names none.
+pub fn check_forward(grant: &Grant, address: &str, port: u32) -> Result<(), ForwardRefusal> {
+    if port != 0 && port != u32::from(grant.port()) {
+        return Err(ForwardRefusal::WrongPort {
+            requested: port,
+            reserved: grant.port(),
+        });
+    }
+    let loopback = match address {
+        "localhost" => true,
+        other => other
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+    };
+    if !loopback {
+        return Err(ForwardRefusal::NotLoopback);
+    }
+    Ok(())
+}
+
+/// All grants, indexed by id and by key fingerprint.
+#[derive(Debug, Default)]
+pub struct Grants {
+    by_id: DashMap<String, Arc<Grant>>,
+    by_fingerprint: DashMap<String, String>,
+}
+
+impl Grants {
+    /// Adds `grant`; refuses a key fingerprint another grant already holds.
+    pub fn insert(&self, grant: Arc<Grant>) -> Result<(), DuplicateKey> {
+        match self.by_fingerprint.entry(grant.fingerprint().to_owned()) {
+            Entry::Occupied(_) => return Err(DuplicateKey),
+            Entry::Vacant(v) => {
+                v.insert(grant.id().to_owned());
+            }
+        }
+        self.by_id.insert(grant.id().to_owned(), grant);
+        Ok(())
+    }
+
+    /// The grant `id`.
+    pub fn get(&self, id: &str) -> Option<Arc<Grant>> {
+        self.by_id.get(id).map(|g| Arc::clone(&g))
+    }
+
+    /// Every grant, in no particular order.
+    pub fn all(&self) -> Vec<Arc<Grant>> {
+        self.by_id.iter().map(|g| Arc::clone(&g)).collect()
+    }
+
+    /// How many grants are held (active or ended but retained).
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether no grant is held.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    /// Forgets `id` entirely.
+    pub fn remove(&self, id: &str) -> Option<Arc<Grant>> {
+        let (_, grant) = self.by_id.remove(id)?;
+        self.by_fingerprint
+            .remove_if(grant.fingerprint(), |_, v| v == id);
+        Some(grant)
+    }
+
+    /// Decides a login: the key must belong to a live grant and the SSH user must be `ssh_user`.
+    pub fn authenticate(
+        &self,
+        expected_user: &str,
+        user: &str,
+        fingerprint: &str,
+        now: u64,
+    ) -> Result<Arc<Grant>, AuthRefusal> {
+        let id = self
+            .by_fingerprint
+            .get(fingerprint)
+            .ok_or(AuthRefusal::UnknownKey)?
+            .clone();
+        let grant = self.get(&id).ok_or(AuthRefusal::UnknownKey)?;
+        if let Some(ended) = grant.ended() {
+            return Err(match ended.reason {
+                crate::store::EndReason::Revoked => AuthRefusal::Revoked,
+                crate::store::EndReason::Expired => AuthRefusal::Expired,
+            });
+        }
+        if now >= grant.expires_at() {
+            return Err(AuthRefusal::Expired);
+        }
+        if user != expected_user {
+            return Err(AuthRefusal::WrongUser);
+        }
+        Ok(grant)
+    }
+}
+
+/// The key is already bound to another tunnel.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("this public key is already used by another tunnel")]
+pub struct DuplicateKey;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EndReason;
+
+    fn grant(id: &str, fp: &str, expires_at: u64) -> Arc<Grant> {
+        Arc::new(Grant::new(TunnelRecord {
+            id: id.into(),
+            user: "alice".into(),
+            server_name: String::new(),
+            port: 20005,
+            public_key: String::new(),
+            fingerprint: fp.into(),
+            created_at: 0,
+            expires_at,
+            ended: None,
+        }))
+    }
+
+    #[test]
+    fn authentication_decisions() {
+        let g = Grants::default();
+        g.insert(grant("a", "fpA", 100)).unwrap();
+        g.insert(grant("b", "fpB", 100)).unwrap();
+        assert!(g.insert(grant("c", "fpA", 100)).is_err());
+        assert_eq!(g.authenticate("tb", "tb", "fpA", 50).unwrap().id(), "a");
+        assert_eq!(
+            g.authenticate("tb", "tb", "nope", 50).unwrap_err(),
+            AuthRefusal::UnknownKey
+        );
+        assert_eq!(
+            g.authenticate("tb", "root", "fpA", 50).unwrap_err(),
+            AuthRefusal::WrongUser
+        );
+        assert_eq!(
+            g.authenticate("tb", "tb", "fpA", 100).unwrap_err(),
+            AuthRefusal::Expired
+        );
+        assert!(g.get("b").unwrap().end(Ended {
+            at: 1,
+            reason: EndReason::Revoked
+        }));
+        assert!(!g.get("b").unwrap().end(Ended {
+            at: 2,
+            reason: EndReason::Expired
+        }));
+        assert_eq!(
+            g.authenticate("tb", "tb", "fpB", 50).unwrap_err(),
+            AuthRefusal::Revoked
+        );
+        g.remove("a");
+        assert_eq!(
+            g.authenticate("tb", "tb", "fpA", 50).unwrap_err(),
+            AuthRefusal::UnknownKey
+        );
+        assert_eq!(g.len(), 1);
+    }
+
+    #[test]
+    fn forward_requests() {
+        let g = grant("a", "fp", 100);
+        for ok in [
+            ("localhost", 0),
+            ("127.0.0.1", 0),
+            ("127.0.0.1", 20005),
+            ("::1", 0),
+        ] {
+            assert_eq!(check_forward(&g, ok.0, ok.1), Ok(()), "{ok:?}");
+        }
+        assert!(matches!(
+            check_forward(&g, "localhost", 20006),
+            Err(ForwardRefusal::WrongPort { .. })
+        ));
+        for bad in ["0.0.0.0", "", "*", "::", "10.1.2.3", "hub.example.org"] {
+            assert_eq!(
+                check_forward(&g, bad, 0),
+                Err(ForwardRefusal::NotLoopback),
+                "{bad:?}"
+            );
+        }
+    }
+}

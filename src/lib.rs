@@ -1,0 +1,144 @@
+//! tunnelbot: an SSH reverse-tunnel broker for JupyterHub on HPC clusters.
+//!
+//! Layout:
+//! - `config`   TOML structs, defaults, `validate()`
+//! - `secret`   a string that never prints
+//! - `keys`     keys folder: host key and admin token, permissions
+//! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam
+//! - `ports`    the hub port pool; a reservation is a bound listener
+//! - `grants`   per-job credentials: login and forward decisions (plain Rust)
+//! - `tunnels`  a listener per active grant, and the bridge to the job's channel
+//! - `broker`   issue / revoke / expire, keeping the above in step
+//! - `ssh`      the thin russh handler
+//! - `admin`    the loopback HTTP API
+//! - `metrics`  the Prometheus registry passed to every component
+//! - `cli`      the admin commands, as a client of the admin API
+//! - `shutdown` signals
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod admin;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod grants;
+pub mod keys;
+pub mod metrics;
+pub mod ports;
+pub mod secret;
+pub mod shutdown;
+pub mod ssh;
+pub mod store;
+pub mod tunnels;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use broker::Broker;
+pub use config::Config;
+
+/// How long sessions get to leave once shutdown starts.
+const DRAIN: Duration = Duration::from_secs(8);
+
+/// The listeners `run` serves, bound by the caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Jobs connect here.
+    pub ssh: TcpListener,
+    /// The admin API.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds both listeners from the config (port 0 picks a free port).
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let ssh = TcpListener::bind(config.ssh.listen)
+            .await
+            .with_context(|| format!("binding ssh.listen {}", config.ssh.listen))?;
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("binding admin.listen {}", config.admin.listen))?;
+        Ok(Self { ssh, admin })
+    }
+
+    /// The SSH listener's actual address.
+    pub fn ssh_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.ssh.local_addr()?)
+    }
+
+    /// The admin listener's actual address.
+    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.admin.local_addr()?)
+    }
+}
+
+/// Loads keys and state and restores every stored tunnel; binds nothing but tunnel ports.
+pub async fn open(config: Config, ssh_addr: SocketAddr) -> anyhow::Result<Broker> {
+    let keys = keys::Keys::load_or_create(&config.keys_dir)?;
+    let store = store::RedbStore::open(&config.state_dir)?;
+    let metrics = metrics::Metrics::new()?;
+    Broker::open(config, keys, Arc::new(store), metrics, ssh_addr).await
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, tells every job "broker shutting
+/// down" and waits a bounded time for sessions to end.
+pub async fn run(
+    broker: Broker,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let reaper = tokio::spawn(broker.clone().run_reaper(cancel.clone()));
+    let ssh = tokio::spawn(ssh::serve(
+        listeners.ssh,
+        broker.clone(),
+        cancel.clone(),
+        sessions.clone(),
+    ));
+    let app = admin::router(admin::AdminState {
+        broker: broker.clone(),
+        ready: Arc::clone(&ready),
+    });
+    let admin_cancel = cancel.clone();
+    let admin = tokio::spawn(async move {
+        axum::serve(listeners.admin, app)
+            .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
+            .await
+    });
+    ready.store(true, Ordering::Release);
+    info!("ready");
+
+    shutdown.await;
+    ready.store(false, Ordering::Release);
+    cancel.cancel();
+    let _ = ssh.await;
+    sessions.close();
+    if tokio::time::timeout(DRAIN, sessions.wait()).await.is_err() {
+        warn!(
+            left = sessions.len(),
+            "sessions still open after the drain time"
+        );
+    }
+    let _ = reaper.await;
+    match tokio::time::timeout(Duration::from_secs(2), admin).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "admin server error"),
+        Ok(_) => {}
+        Err(_) => warn!("admin server did not stop in time"),
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! `tunnelbot`: wiring only. Parse the command line, set up logging, load, bind, run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing::{error, info};
+use tunnelbot::{Config, Listeners, cli, keys};
+
+/// Config errors exit with EX_USAGE, as linkerd and sysexits do.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "SSH reverse-tunnel broker for JupyterHub on HPC clusters"
+)]
+struct Args {
+    /// TOML config; the embedded defaults when omitted.
+    #[arg(long, short, global = true, env = "TUNNELBOT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Serve {
+        /// Validate the config and exit.
+        #[arg(long)]
+        check: bool,
+        /// Once ready, write {"ssh": ADDR, "admin": ADDR} here (for supervisors and tests).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+    /// Validate the config and exit (exit code 64 when invalid).
+    Check,
+    /// Issue a tunnel for one JupyterHub user and server.
+    Issue {
+        /// JupyterHub user name.
+        #[arg(long)]
+        user: String,
+        /// JupyterHub server name (empty for the default server).
+        #[arg(long, default_value = "")]
+        server: String,
+        /// Lifetime, e.g. 8h or 90m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Use this OpenSSH public key file instead of a generated key.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Write the generated private key (0600) here, and the known_hosts line beside it.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Print the API answer as JSON (includes the private key).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// List tunnels.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Revoke a tunnel: its job is disconnected and its port freed.
+    Revoke {
+        /// Tunnel id.
+        id: String,
+        #[command(flatten)]
+        api: Api,
+    },
+}
+
+#[derive(clap::Args)]
+struct Api {
+    /// Admin API URL; from the config's admin.listen when omitted.
+    #[arg(long, env = "TUNNELBOT_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Admin token file; <keys_dir>/admin.token when omitted.
+    #[arg(long, env = "TUNNELBOT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("invalid config: {e:#}");
+            eprintln!("tunnelbot: invalid config: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tunnelbot: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(args.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("tunnelbot: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Check | Command::Serve { check: true, .. } => {
+            println!("config ok");
+            Ok(())
+        }
+        Command::Serve {
+            check: false,
+            ready_file,
+        } => serve(config, ready_file.as_deref()).await,
+        Command::Issue {
+            user,
+            server,
+            ttl,
+            public_key,
+            key_file,
+            json,
+            api,
+        } => {
+            let client =
+                cli::Client::new(&config, api.admin_url.as_deref(), api.token_file.as_deref())?;
+            let public_key = match public_key {
+                Some(p) => Some(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let t = client.issue(&user, &server, ttl, public_key).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?)
+            } else {
+                cli::print_issued(&t, key_file.as_deref())?
+            }
+            Ok(())
+        }
+        Command::List { json, api } => {
+            let client =
+                cli::Client::new(&config, api.admin_url.as_deref(), api.token_file.as_deref())?;
+            let tunnels = client.list().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tunnels)?)
+            } else {
+                cli::print_table(&tunnels)
+            }
+            Ok(())
+        }
+        Command::Revoke { id, api } => {
+            let client =
+                cli::Client::new(&config, api.admin_url.as_deref(), api.token_file.as_deref())?;
+            client.revoke(&id).await?;
+            println!("revoked {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    let (ssh, admin) = (listeners.ssh_addr()?, listeners.admin_addr()?);
+    let broker = tunnelbot::open(config, ssh).await?;
+    info!(%ssh, %admin, "listening");
+    if let Some(path) = ready_file {
+        let body = serde_json::json!({"ssh": ssh.to_string(), "admin": admin.to_string()});
+        keys::write_private_file(path, body.to_string().as_bytes())?;
+    }
+    tunnelbot::run(broker, listeners, tunnelbot::shutdown::signal()).await
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,russh=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}

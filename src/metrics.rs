@@ -1,0 +1,169 @@
+//! The metrics registry, built once and passed to each component (no global statics).
+//!
+//! Names start with `tunnelbot_`; counters end in `_total`, histograms in `_seconds`. No label
+//! carries a user name: label values are fixed enums, so the series count stays bounded.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the broker exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Credentials issued.
+    pub tunnels_issued: IntCounter,
+    /// Tunnels whose forward is held by a live session.
+    pub tunnels_connected: IntGauge,
+    /// SSH connections past the version exchange.
+    pub ssh_sessions_active: IntGauge,
+    /// Login decisions, by result and reason.
+    pub auth_attempts: IntCounterVec,
+    /// `tcpip-forward` decisions, by result and reason.
+    pub forward_requests: IntCounterVec,
+    /// Refused channel opens and requests, by kind.
+    pub refused_requests: IntCounterVec,
+    /// Hub-side connections carried right now.
+    pub forwarded_connections_active: IntGauge,
+    /// Hub-side connections accepted.
+    pub forwarded_connections: IntCounter,
+    /// Bytes carried, by direction (`to_job`, `from_job`).
+    pub forwarded_bytes: IntCounterVec,
+    /// From TCP accept to successful login.
+    pub handshake_duration: Histogram,
+    /// Route calls to the proxy, by op and result.
+    pub route_operations: IntCounterVec,
+    /// From forward granted to route registered.
+    pub route_register_duration: Histogram,
+    /// 1 while the last call to CHP succeeded.
+    pub chp_up: IntGauge,
+    /// Tunnels ended, by reason (revoked, expired, replaced).
+    pub tunnel_revocations: IntCounterVec,
+    /// Ports of the range not reserved by a tunnel.
+    pub ports_free: IntGauge,
+    /// SSH connections that ended before a login, or failed the protocol.
+    pub ssh_connection_errors: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every metric in a fresh registry.
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> anyhow::Result<IntCounter> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> anyhow::Result<IntCounterVec> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge = |name: &str, help: &str| -> anyhow::Result<IntGauge> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| -> anyhow::Result<Histogram> {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let fast = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        Ok(Self {
+            tunnels_issued: counter(
+                "tunnelbot_tunnels_issued_total",
+                "Tunnel credentials issued.",
+            )?,
+            tunnels_connected: gauge(
+                "tunnelbot_tunnels_connected",
+                "Tunnels whose forward is held by a live job session.",
+            )?,
+            ssh_sessions_active: gauge("tunnelbot_ssh_sessions_active", "Open SSH connections.")?,
+            auth_attempts: counter_vec(
+                "tunnelbot_auth_attempts_total",
+                "SSH public-key logins, by result and reason.",
+                &["result", "reason"],
+            )?,
+            forward_requests: counter_vec(
+                "tunnelbot_forward_requests_total",
+                "Remote-forward requests, by result and reason.",
+                &["result", "reason"],
+            )?,
+            refused_requests: counter_vec(
+                "tunnelbot_refused_requests_total",
+                "Refused SSH channel opens and requests, by kind.",
+                &["kind"],
+            )?,
+            forwarded_connections_active: gauge(
+                "tunnelbot_forwarded_connections_active",
+                "Hub-side connections being carried through tunnels.",
+            )?,
+            forwarded_connections: counter(
+                "tunnelbot_forwarded_connections_total",
+                "Hub-side connections accepted on tunnel ports.",
+            )?,
+            forwarded_bytes: counter_vec(
+                "tunnelbot_forwarded_bytes_total",
+                "Bytes carried through tunnels, by direction.",
+                &["direction"],
+            )?,
+            handshake_duration: histogram(
+                "tunnelbot_handshake_duration_seconds",
+                "From TCP accept to successful login.",
+                fast.clone(),
+            )?,
+            route_operations: counter_vec(
+                "tunnelbot_route_operations_total",
+                "Calls to the proxy's route API, by operation and result.",
+                &["op", "result"],
+            )?,
+            route_register_duration: histogram(
+                "tunnelbot_route_register_duration_seconds",
+                "From forward granted to route registered in the proxy.",
+                fast,
+            )?,
+            chp_up: gauge(
+                "tunnelbot_chp_up",
+                "1 if the last call to the proxy API succeeded.",
+            )?,
+            tunnel_revocations: counter_vec(
+                "tunnelbot_tunnel_revocations_total",
+                "Tunnel sessions ended by the broker, by reason.",
+                &["reason"],
+            )?,
+            ports_free: gauge(
+                "tunnelbot_ports_free",
+                "Hub ports not reserved by a tunnel.",
+            )?,
+            ssh_connection_errors: counter_vec(
+                "tunnelbot_ssh_connection_errors_total",
+                "SSH connections that failed, by kind.",
+                &["kind"],
+            )?,
+            registry,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding to a Vec cannot fail for well-formed metrics; an empty answer is the fallback.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

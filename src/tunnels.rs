@@ -1,0 +1,436 @@
+//! A hub-side listener per active grant, and the bridge that carries each connection to the job.
+//!
+//! Each tunnel owns its reserved listener from issue to end, whether or not a job is connected:
+//! the port never changes hands, and a reconnecting job simply replaces the session link (newest
+//! wins). A connection arriving while no job is linked is closed at once. Every accepted
+//! connection is carried in its own task, so a slow or refusing notebook never stalls the SSH
+//! session or other channels.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use russh::server::Handle;
+use russh::{ChannelMsg, Disconnect};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::grants::{ForwardRefusal, Grant};
+use crate::metrics::Metrics;
+use crate::ports::PortPool;
+
+/// Bound on sending a disconnect to a session whose loop may be stalled; after it, the
+/// transport socket is shut down under it.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+/// Copy buffer per direction per connection.
+const COPY_BUF: usize = 32 * 1024;
+
+/// Forcibly ends an SSH connection from outside its session loop.
+///
+/// Holds a duplicate of the transport socket: `shutdown` on it makes the session's reads fail.
+/// The duplicate must be dropped (`disarm`) when the session ends, or the socket would stay open.
+#[derive(Debug, Default)]
+pub struct KillSwitch(std::sync::Mutex<Option<std::net::TcpStream>>);
+
+impl KillSwitch {
+    /// Arms the switch on a duplicate of `stream`'s socket.
+    pub fn new(dup: std::net::TcpStream) -> Self {
+        Self(std::sync::Mutex::new(Some(dup)))
+    }
+
+    /// Shuts the transport down; the session ends with an I/O error.
+    pub fn kill(&self) {
+        if let Some(s) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Closes the duplicate; later `kill`s do nothing.
+    pub fn disarm(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// A live SSH session holding a tunnel's forward.
+pub struct Link {
+    /// Broker-wide session number.
+    pub session_id: u64,
+    /// Talks to the session loop.
+    pub handle: Handle,
+    /// The exact address string the client sent; forwarded channels must echo it.
+    pub bind_address: String,
+    /// The job's address.
+    pub peer: SocketAddr,
+    /// When the forward was granted.
+    pub since: SystemTime,
+    /// Hard stop for a stalled session.
+    pub kill: Arc<KillSwitch>,
+    /// Bytes this session carried: hub clients to the job, and back.
+    pub bytes: Stats,
+}
+
+impl Link {
+    /// Asks the client to go with `reason`, and cuts the transport if that does not happen soon.
+    pub fn disconnect(self: &Arc<Self>, reason: &'static str) {
+        let link = Arc::clone(self);
+        tokio::spawn(async move {
+            let sent =
+                link.handle
+                    .disconnect(Disconnect::ByApplication, reason.into(), String::new());
+            if timeout(DISCONNECT_GRACE, sent).await.is_err() {
+                warn!(
+                    session = link.session_id,
+                    "session did not take the disconnect; cutting it"
+                );
+            } else {
+                // Give the client the moment it needs to read the message before the cut.
+                tokio::time::sleep(DISCONNECT_GRACE).await;
+            }
+            link.kill.kill();
+        });
+    }
+}
+
+/// Byte and connection counts of one tunnel (since the broker started) or of one session.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Hub clients to the job.
+    pub bytes_to_job: AtomicU64,
+    /// The job to hub clients.
+    pub bytes_from_job: AtomicU64,
+    /// Connections currently carried.
+    pub connections_active: AtomicU64,
+}
+
+/// What the admin API shows of a tunnel's live side.
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    /// The session holding the forward, if any: since when and from where.
+    pub link: Option<(SystemTime, SocketAddr)>,
+    /// Hub clients to the job.
+    pub bytes_to_job: u64,
+    /// The job to hub clients.
+    pub bytes_from_job: u64,
+    /// Whether the reserved port is bound.
+    pub listening: bool,
+}
+
+struct Tunnel {
+    grant: Arc<Grant>,
+    link: watch::Sender<Option<Arc<Link>>>,
+    stats: Arc<Stats>,
+    listening: Arc<AtomicBool>,
+    cancel: CancellationToken,
+}
+
+/// The live tunnels, one per active grant.
+pub struct Tunnels {
+    map: DashMap<String, Tunnel>,
+    ports: Arc<PortPool>,
+    metrics: Metrics,
+    write_timeout: Duration,
+}
+
+impl Tunnels {
+    /// An empty set.
+    pub fn new(ports: Arc<PortPool>, metrics: Metrics, write_timeout: Duration) -> Self {
+        Self {
+            map: DashMap::new(),
+            ports,
+            metrics,
+            write_timeout,
+        }
+    }
+
+    /// Starts serving `grant`'s port. `listener` is its reservation, or None when the port could
+    /// not be bound (it is then retried in the background).
+    pub fn start(&self, grant: Arc<Grant>, listener: Option<std::net::TcpListener>) {
+        let (link, link_rx) = watch::channel(None);
+        let tunnel = Tunnel {
+            grant: Arc::clone(&grant),
+            link,
+            stats: Arc::default(),
+            listening: Arc::new(AtomicBool::new(false)),
+            cancel: CancellationToken::new(),
+        };
+        let task = AcceptLoop {
+            port: grant.port(),
+            link: link_rx,
+            stats: Arc::clone(&tunnel.stats),
+            listening: Arc::clone(&tunnel.listening),
+            cancel: tunnel.cancel.clone(),
+            ports: Arc::clone(&self.ports),
+            metrics: self.metrics.clone(),
+            write_timeout: self.write_timeout,
+        };
+        let span =
+            info_span!("tunnel", id = %grant.id(), user = %grant.user(), port = grant.port());
+        tokio::spawn(task.run(listener).instrument(span));
+        self.map.insert(grant.id().to_owned(), tunnel);
+    }
+
+    /// Links `link`'s session to tunnel `id` and returns the port; a session that held it
+    /// before is disconnected (a reconnecting job wins over its own stale connection).
+    pub fn attach(&self, id: &str, link: Arc<Link>) -> Result<u16, ForwardRefusal> {
+        let tunnel = self.map.get(id).ok_or(ForwardRefusal::Ended)?;
+        if !tunnel.listening.load(Ordering::Acquire) {
+            return Err(ForwardRefusal::PortUnavailable);
+        }
+        let new_id = link.session_id;
+        let previous = tunnel.link.send_replace(Some(link));
+        match previous {
+            Some(old) if old.session_id != new_id => {
+                info!(target: "audit", event = "replaced", tunnel = %id, old_session = old.session_id, new_session = new_id, "newer connection replaces the stale one");
+                self.metrics
+                    .tunnel_revocations
+                    .with_label_values(&["replaced"])
+                    .inc();
+                old.disconnect("replaced by a newer connection for this credential");
+            }
+            Some(_) => {}
+            None => self.metrics.tunnels_connected.inc(),
+        }
+        Ok(tunnel.grant.port())
+    }
+
+    /// Unlinks session `session_id` from tunnel `id`, if it still holds it.
+    pub fn detach(&self, id: &str, session_id: u64) -> bool {
+        let Some(tunnel) = self.map.get(id) else {
+            return false;
+        };
+        let detached = tunnel.link.send_if_modified(|slot| {
+            if slot.as_ref().is_some_and(|l| l.session_id == session_id) {
+                *slot = None;
+                true
+            } else {
+                false
+            }
+        });
+        if detached {
+            self.metrics.tunnels_connected.dec();
+        }
+        detached
+    }
+
+    /// Ends tunnel `id`: disconnects its session with `reason`, closes and frees its port.
+    pub fn close(&self, id: &str, reason: &'static str) {
+        let Some((_, tunnel)) = self.map.remove(id) else {
+            return;
+        };
+        if let Some(link) = tunnel.link.send_replace(None) {
+            self.metrics.tunnels_connected.dec();
+            link.disconnect(reason);
+        }
+        tunnel.cancel.cancel();
+    }
+
+    /// The live side of tunnel `id`.
+    pub fn status(&self, id: &str) -> Option<LiveStatus> {
+        let tunnel = self.map.get(id)?;
+        let link = tunnel.link.borrow().as_ref().map(|l| (l.since, l.peer));
+        Some(LiveStatus {
+            link,
+            bytes_to_job: tunnel.stats.bytes_to_job.load(Ordering::Relaxed),
+            bytes_from_job: tunnel.stats.bytes_from_job.load(Ordering::Relaxed),
+            listening: tunnel.listening.load(Ordering::Acquire),
+        })
+    }
+
+    /// How many tunnels are served.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether none is served.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+struct AcceptLoop {
+    port: u16,
+    link: watch::Receiver<Option<Arc<Link>>>,
+    stats: Arc<Stats>,
+    listening: Arc<AtomicBool>,
+    cancel: CancellationToken,
+    ports: Arc<PortPool>,
+    metrics: Metrics,
+    write_timeout: Duration,
+}
+
+impl AcceptLoop {
+    async fn run(self, reserved: Option<std::net::TcpListener>) {
+        if let Some(listener) = self.listen(reserved).await {
+            self.listening.store(true, Ordering::Release);
+            self.accept(listener).await;
+            self.listening.store(false, Ordering::Release);
+        }
+        // The listener is closed by now, so the port can go back to the pool.
+        self.ports.release(self.port);
+        debug!("tunnel closed");
+    }
+
+    /// The reserved listener, or a retried bind when the port was taken at restore time.
+    async fn listen(&self, reserved: Option<std::net::TcpListener>) -> Option<TcpListener> {
+        let mut std_listener = reserved;
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if let Some(l) = std_listener.take() {
+                match TcpListener::from_std(l) {
+                    Ok(l) => return Some(l),
+                    Err(e) => warn!(error = %e, "registering the reserved listener"),
+                }
+            }
+            tokio::select! {
+                () = self.cancel.cancelled() => return None,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+            match self.ports.rebind(self.port) {
+                Ok(l) => {
+                    info!("reserved port bound again");
+                    std_listener = Some(l);
+                }
+                Err(e) => warn!(error = %e, "reserved port still unavailable"),
+            }
+        }
+    }
+
+    async fn accept(&self, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (sock, from) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: pause rather than spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Some(link) = self.link.borrow().clone() else {
+                debug!(%from, "no job connected; closing");
+                continue;
+            };
+            let _ = sock.set_nodelay(true);
+            self.metrics.forwarded_connections.inc();
+            let bridge = Bridge {
+                link,
+                port: self.port,
+                stats: Arc::clone(&self.stats),
+                metrics: self.metrics.clone(),
+                write_timeout: self.write_timeout,
+            };
+            tokio::spawn(bridge.run(sock, from).instrument(tracing::Span::current()));
+        }
+    }
+}
+
+/// Carries one hub-side connection over one `forwarded-tcpip` channel.
+struct Bridge {
+    link: Arc<Link>,
+    port: u16,
+    stats: Arc<Stats>,
+    metrics: Metrics,
+    write_timeout: Duration,
+}
+
+impl Bridge {
+    async fn run(self, sock: TcpStream, from: SocketAddr) {
+        // Must run to completion: dropping this open while it is pending ends the whole session
+        // (russh.md §5), hence its own task and no timeout around it.
+        let opened = self
+            .link
+            .handle
+            .channel_open_forwarded_tcpip(
+                self.link.bind_address.clone(),
+                u32::from(self.port),
+                from.ip().to_string(),
+                u32::from(from.port()),
+            )
+            .await;
+        let channel = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(%from, error = %e, "job refused the connection");
+                return;
+            }
+        };
+        self.stats
+            .connections_active
+            .fetch_add(1, Ordering::Relaxed);
+        self.metrics.forwarded_connections_active.inc();
+
+        let (mut rd, wr) = channel.split();
+        let (mut sr, mut sw) = sock.into_split();
+        let mut cw = wr.make_writer();
+        let to_job = self.metrics.forwarded_bytes.with_label_values(&["to_job"]);
+        let from_job = self
+            .metrics
+            .forwarded_bytes
+            .with_label_values(&["from_job"]);
+        let stats = &self.stats;
+        let link_bytes = &self.link.bytes;
+        let up = async {
+            let mut buf = vec![0u8; COPY_BUF];
+            loop {
+                let n = match sr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if cw.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                stats.bytes_to_job.fetch_add(n as u64, Ordering::Relaxed);
+                link_bytes
+                    .bytes_to_job
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                to_job.inc_by(n as u64);
+            }
+            let _ = wr.eof().await;
+        };
+        let down = async {
+            while let Some(msg) = rd.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        // A hub client that stops reading would otherwise stall the whole SSH
+                        // session once russh's per-channel queue fills (russh.md §5).
+                        match timeout(self.write_timeout, sw.write_all(&data)).await {
+                            Ok(Ok(())) => {}
+                            _ => break,
+                        }
+                        stats
+                            .bytes_from_job
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        from_job.inc_by(data.len() as u64);
+                    }
+                    ChannelMsg::Eof => {
+                        let _ = sw.shutdown().await;
+                    }
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            () = &mut up => { (&mut down).await; }
+            // The channel is gone: the upload may be waiting for window that never comes.
+            () = &mut down => {}
+        }
+        let _ = wr.close().await;
+        self.stats
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+        self.metrics.forwarded_connections_active.dec();
+    }
+}

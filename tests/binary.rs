@@ -1,0 +1,259 @@
+//! The `tunnelbot` binary as an admin runs it: config checks, the CLI, and a SIGKILL restart.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use common::{Issued, Ssh, echo, roundtrip};
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tunnelbot");
+
+fn check(config_text: &str) -> anyhow::Result<(i32, String)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, config_text)?;
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn check_accepts_the_example_and_refuses_bad_configs_with_64() -> anyhow::Result<()> {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/tunnelbot.example.toml"
+    ))?;
+    assert_eq!(check(&example)?.0, 0);
+    for (text, needle) in [
+        ("[ssh]\nlisten_adress = \"0.0.0.0:22\"\n", "unknown field"),
+        ("[tunnels]\nports = \"30000-20000\"\n", "empty"),
+        ("[admin]\nlisten = \"0.0.0.0:8090\"\n", "allow_non_loopback"),
+        ("[tunnels]\nmax_ttl = \"forever\"\n", "max_ttl"),
+        ("this is not toml", "in config"),
+    ] {
+        let (code, err) = check(text)?;
+        assert_eq!(code, 64, "{text}: {err}");
+        assert!(err.contains(needle), "{text}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--check", "--config", "/nonexistent/tb.toml"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    Ok(())
+}
+
+/// The broker as a child process, with its addresses from the ready file.
+struct Child {
+    proc: std::process::Child,
+    ssh: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+fn start(dir: &Path, config: &Path) -> anyhow::Result<Child> {
+    let ready = dir.join("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let log = std::fs::File::create(dir.join(format!(
+            "broker-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        )))?;
+    let proc = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--ready-file")
+        .arg(&ready)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let mut child = Child {
+        proc,
+        ssh: "0.0.0.0:0".parse()?,
+        admin: "0.0.0.0:0".parse()?,
+    };
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while !ready.exists() {
+        if let Some(status) = child.proc.try_wait()? {
+            bail!("broker exited early: {status}");
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("broker not ready in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
+    child.ssh = v["ssh"].as_str().context("ssh")?.parse()?;
+    child.admin = v["admin"].as_str().context("admin")?.parse()?;
+    Ok(child)
+}
+
+fn cli(config: &Path, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ip = common::unique_loopback();
+    let text = common::base_config(dir.path(), ip, "") + "[chp]\nenabled = false\n";
+    let config = dir.path().join("tb.toml");
+    std::fs::write(&config, text)?;
+    let broker = start(dir.path(), &config)?;
+    let url = format!("http://{}", broker.admin);
+
+    let (code, out, err) = cli(
+        &config,
+        &[
+            "issue",
+            "--user",
+            "alice",
+            "--ttl",
+            "2h",
+            "--json",
+            "--admin-url",
+            &url,
+        ],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let issued = Issued::write(serde_json::from_str(&out)?, dir.path())?;
+    let (code, out, err) = cli(
+        &config,
+        &[
+            "issue",
+            "--user",
+            "bob",
+            "--server",
+            "gpu",
+            "--admin-url",
+            &url,
+        ],
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("port") && !out.contains("PRIVATE KEY"),
+        "{out}"
+    );
+    let bob_id = out
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("id")?
+        .to_owned();
+    let (code, out, _) = cli(&config, &["list", "--admin-url", &url])?;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&issued.id) && out.contains(&bob_id) && out.contains("alice"),
+        "{out}"
+    );
+    let (code, out, err) = cli(&config, &["revoke", &bob_id, "--admin-url", &url])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"));
+    let (code, _, err) = cli(&config, &["revoke", "tb_unknown", "--admin-url", &url])?;
+    assert_eq!(code, 1);
+    assert!(err.contains("404"), "{err}");
+
+    let notebook = echo("nb:").await?;
+    let spec = format!("0:127.0.0.1:{}", notebook.port);
+    let job = ssh_job(broker.ssh, &issued, &spec)?;
+    assert_eq!(job.allocated_port().await?, issued.port);
+
+    // SIGKILL: no chance to save anything at exit.
+    let (ssh_before, mut broker) = (broker.ssh, broker);
+    broker.proc.kill()?;
+    broker.proc.wait()?;
+    drop(job);
+    let restarted = start(dir.path(), &config)?;
+    // A child cannot be handed its listener, so the SSH port moved; the host key must not have.
+    assert_ne!(ssh_before.port(), 0);
+    let out = cli(
+        &config,
+        &[
+            "list",
+            "--json",
+            "--admin-url",
+            &format!("http://{}", restarted.admin),
+        ],
+    )?
+    .1;
+    let list: Value = serde_json::from_str(&out)?;
+    let line = list[0]["known_hosts"].as_str().context("known_hosts")?;
+    let key_part = |l: &str| l.split_once(' ').map(|(_, k)| k.to_owned());
+    assert_eq!(
+        key_part(line),
+        key_part(issued.json["known_hosts"].as_str().context("kh")?)
+    );
+    std::fs::write(&issued.known_hosts, format!("{line}\n"))?;
+    let job = ssh_job(restarted.ssh, &issued, &spec)?;
+    assert_eq!(
+        job.allocated_port().await?,
+        issued.port,
+        "same port after a crash"
+    );
+    assert_eq!(
+        roundtrip(SocketAddr::new(ip, issued.port), b"q", 4).await?,
+        b"nb:q"
+    );
+    // The revocation survived too.
+    let out = cli(
+        &config,
+        &[
+            "list",
+            "--json",
+            "--admin-url",
+            &format!("http://{}", restarted.admin),
+        ],
+    )?
+    .1;
+    let list: Value = serde_json::from_str(&out)?;
+    let bob = list
+        .as_array()
+        .context("list")?
+        .iter()
+        .find(|t| t["id"] == bob_id.as_str())
+        .context("bob kept")?;
+    assert_eq!(bob["state"], "revoked");
+    Ok(())
+}
+
+fn ssh_job(ssh: SocketAddr, issued: &Issued, spec: &str) -> anyhow::Result<Ssh> {
+    let mut args: Vec<String> = vec![
+        "-N".into(),
+        "-o".into(),
+        "ExitOnForwardFailure=yes".into(),
+        "-R".into(),
+        spec.into(),
+    ];
+    args.extend(common::ssh_args(
+        ssh,
+        &issued.key,
+        &issued.known_hosts,
+        "tunnelbot",
+    ));
+    Ssh::spawn(&args)
+}

@@ -1,0 +1,505 @@
+//! Test fixtures: an in-process broker on port 0, the real OpenSSH client, echo backends.
+//! Every wait is bounded; nothing sleeps for readiness.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+
+/// Upper bound for any single wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A loopback address no other test (in this or another test process) binds tunnels on, so
+/// brokers running in parallel never compete for hub ports.
+pub fn unique_loopback() -> IpAddr {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    IpAddr::from([
+        127,
+        100 + (pid % 100) as u8,
+        (n / 250) as u8,
+        (n % 250 + 1) as u8,
+    ])
+}
+
+/// A broker running in this process.
+pub struct TestBroker {
+    pub dir: tempfile::TempDir,
+    pub ssh: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+    pub tunnel_ip: IpAddr,
+    pub http: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The config text every test broker starts from; `extra` is appended.
+pub fn base_config(dir: &Path, tunnel_ip: IpAddr, extra: &str) -> String {
+    format!(
+        "keys_dir = {keys:?}\nstate_dir = {state:?}\n\
+         [ssh]\nlisten = \"127.0.0.1:0\"\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [tunnels]\nbind_address = \"{tunnel_ip}\"\n{extra}\n",
+        keys = dir.join("keys"),
+        state = dir.join("state"),
+    )
+}
+
+impl TestBroker {
+    /// Starts a broker with CHP off; `tunnels` holds extra `[tunnels]` keys.
+    pub async fn start(tunnels: &str) -> anyhow::Result<Self> {
+        Self::start_with(tunnels, |_| "[chp]\nenabled = false\n".into()).await
+    }
+
+    /// Starts a broker; `tables` builds the TOML tables after `[tunnels]` from the tunnel address.
+    pub async fn start_with(
+        tunnels: &str,
+        tables: impl FnOnce(IpAddr) -> String,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let tunnel_ip = unique_loopback();
+        let text = format!(
+            "{}{}",
+            base_config(dir.path(), tunnel_ip, tunnels),
+            tables(tunnel_ip)
+        );
+        let config = tunnelbot::Config::parse(&text)?;
+        config.validate()?;
+        let listeners = tunnelbot::Listeners::bind(&config).await?;
+        let ssh = listeners.ssh_addr()?;
+        let admin = listeners.admin_addr()?;
+        let broker = tunnelbot::open(config, ssh).await?;
+        let token = std::fs::read_to_string(dir.path().join("keys/admin.token"))?
+            .trim()
+            .to_owned();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(tunnelbot::run(broker, listeners, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            dir,
+            ssh,
+            admin,
+            token,
+            tunnel_ip,
+            http: reqwest::Client::new(),
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Graceful shutdown, as on SIGTERM; waits (bounded) for it to finish.
+    pub async fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t)
+                .await
+                .context("shutdown took too long")???;
+        }
+        Ok(())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// An admin API call with the token; returns status and JSON body (Null when empty).
+    pub async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut req = self
+            .http
+            .request(method, self.url(path))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        };
+        Ok((status, value))
+    }
+
+    /// Issues a tunnel and writes its key and known_hosts into a fresh folder.
+    pub async fn issue(&self, user: &str, server: &str, ttl: u64) -> anyhow::Result<Issued> {
+        let (status, v) = self
+            .api(
+                reqwest::Method::POST,
+                "/api/v1/tunnels",
+                Some(json!({"user": user, "server_name": server, "ttl_seconds": ttl})),
+            )
+            .await?;
+        if status != 201 {
+            bail!("issue answered {status}: {v}");
+        }
+        Issued::write(v, self.dir.path())
+    }
+
+    pub async fn tunnel(&self, id: &str) -> anyhow::Result<Value> {
+        let (status, v) = self
+            .api(reqwest::Method::GET, &format!("/api/v1/tunnels/{id}"), None)
+            .await?;
+        if status != 200 {
+            bail!("GET tunnel answered {status}: {v}");
+        }
+        Ok(v)
+    }
+
+    pub async fn revoke(&self, id: &str) -> anyhow::Result<u16> {
+        Ok(self
+            .api(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/tunnels/{id}"),
+                None,
+            )
+            .await?
+            .0)
+    }
+
+    /// Polls the tunnel until `pred` holds.
+    pub async fn wait_tunnel(
+        &self,
+        id: &str,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.tunnel(id).await?;
+            if pred(&v) {
+                return Ok(v);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("tunnel {id} never became {what}: {v}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The value of one metric series from `/metrics` (0 when absent).
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        Ok(metric_value(&text, series))
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Finds `series` (name plus labels, as printed) in a Prometheus text body.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// An issued tunnel with its key material on disk.
+pub struct Issued {
+    pub json: Value,
+    pub id: String,
+    pub port: u16,
+    pub key: PathBuf,
+    pub known_hosts: PathBuf,
+}
+
+impl Issued {
+    pub fn write(json: Value, dir: &Path) -> anyhow::Result<Self> {
+        let id = json["id"].as_str().context("id")?.to_owned();
+        let port = u16::try_from(json["port"].as_u64().context("port")?)?;
+        let folder = dir.join(&id);
+        std::fs::create_dir_all(&folder)?;
+        let key = folder.join("key");
+        let known_hosts = folder.join("known_hosts");
+        if let Some(pem) = json["private_key"].as_str() {
+            write_0600(&key, pem)?;
+        }
+        std::fs::write(
+            &known_hosts,
+            format!("{}\n", json["known_hosts"].as_str().context("known_hosts")?),
+        )?;
+        Ok(Self {
+            json,
+            id,
+            port,
+            key,
+            known_hosts,
+        })
+    }
+}
+
+pub fn write_0600(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    Ok(())
+}
+
+/// The stock `ssh` client, as a job runs it, with its stderr collected line by line.
+pub struct Ssh {
+    pub child: Child,
+    lines: Arc<(Mutex<Vec<String>>, Notify)>,
+    drained: tokio_util::sync::CancellationToken,
+}
+
+/// The job's ssh arguments, without the forwards: pinned host key, batch mode, one identity.
+pub fn ssh_args(ssh: SocketAddr, key: &Path, known_hosts: &Path, user: &str) -> Vec<String> {
+    let mut a: Vec<String> = vec!["-F".into(), "/dev/null".into(), "-T".into()];
+    for o in [
+        "IdentitiesOnly=yes",
+        "BatchMode=yes",
+        "StrictHostKeyChecking=yes",
+        "ConnectTimeout=10",
+        "ServerAliveInterval=15",
+    ] {
+        a.push("-o".into());
+        a.push(o.into());
+    }
+    a.extend([
+        "-o".into(),
+        format!("UserKnownHostsFile={}", known_hosts.display()),
+    ]);
+    a.extend(["-i".into(), key.display().to_string()]);
+    a.extend([
+        "-p".into(),
+        ssh.port().to_string(),
+        format!("{user}@{}", ssh.ip()),
+    ]);
+    a
+}
+
+impl Ssh {
+    /// Starts `ssh` with `args` (options go before the destination, which ssh_args ends with).
+    pub fn spawn(args: &[String]) -> anyhow::Result<Self> {
+        let mut child = Command::new("ssh")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("running ssh (is openssh-client installed?)")?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let lines: Arc<(Mutex<Vec<String>>, Notify)> = Arc::default();
+        let sink = Arc::clone(&lines);
+        let drained = tokio_util::sync::CancellationToken::new();
+        let done = drained.clone();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                sink.0.lock().unwrap().push(line);
+                sink.1.notify_waiters();
+            }
+            done.cancel();
+            sink.1.notify_waiters();
+        });
+        Ok(Self {
+            child,
+            lines,
+            drained,
+        })
+    }
+
+    /// A job's reverse tunnel: `-N -R <spec>` with ExitOnForwardFailure unless `extra` says otherwise.
+    pub fn reverse(
+        broker: &TestBroker,
+        issued: &Issued,
+        spec: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut args: Vec<String> = vec!["-N".into(), "-R".into(), spec.into()];
+        if !extra.iter().any(|e| e.contains("ExitOnForwardFailure")) {
+            args.extend(["-o".into(), "ExitOnForwardFailure=yes".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(ssh_args(
+            broker.ssh,
+            &issued.key,
+            &issued.known_hosts,
+            "tunnelbot",
+        ));
+        Self::spawn(&args)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.lines.0.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a stderr line contains `needle`; returns that line.
+    pub async fn wait_line(&self, needle: &str) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.lines.1.notified();
+            if let Some(l) = self
+                .lines
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return Ok(l.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                bail!("ssh never printed {needle:?}; stderr:\n{}", self.stderr());
+            }
+        }
+    }
+
+    /// Waits for "Allocated port N" and returns N.
+    pub async fn allocated_port(&self) -> anyhow::Result<u16> {
+        let line = self.wait_line("Allocated port").await?;
+        let n = line.split_whitespace().nth(2).context("port in line")?;
+        Ok(n.parse()?)
+    }
+
+    /// Waits (bounded) for ssh to exit; returns its exit code.
+    pub async fn exit_code(&mut self) -> anyhow::Result<i32> {
+        let status = tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .context("ssh did not exit")??;
+        // Let the stderr reader take what ssh printed last.
+        let _ = tokio::time::timeout(WAIT, self.drained.cancelled()).await;
+        Ok(status.code().unwrap_or(-1))
+    }
+
+    /// Whether ssh is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Runs ssh with `args` to completion; returns exit code and stderr.
+pub async fn ssh_run(args: &[String]) -> anyhow::Result<(i32, String)> {
+    let mut s = Ssh::spawn(args)?;
+    let code = s.exit_code().await?;
+    Ok((code, s.stderr()))
+}
+
+/// A TCP echo server on 127.0.0.1:0 that answers `tag` first, then echoes every byte.
+pub struct Echo {
+    pub port: u16,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn echo(tag: &'static str) -> anyhow::Result<Echo> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut out = tag.as_bytes().to_vec();
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            out.extend_from_slice(&buf[..n]);
+                            if s.write_all(&out).await.is_err() {
+                                break;
+                            }
+                            out.clear();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok(Echo { port, task })
+}
+
+/// Sends `msg` to `addr` and reads until `expect_len` bytes came back (bounded).
+pub async fn roundtrip(addr: SocketAddr, msg: &[u8], expect_len: usize) -> anyhow::Result<Vec<u8>> {
+    tokio::time::timeout(WAIT, async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(msg).await?;
+        let mut got = vec![0u8; expect_len];
+        s.read_exact(&mut got).await?;
+        anyhow::Ok(got)
+    })
+    .await
+    .context("roundtrip timed out")?
+}
+
+/// Expects `addr` to carry nothing: refused, or closed without an answer.
+pub async fn carries_nothing(addr: SocketAddr) -> anyhow::Result<bool> {
+    let r = tokio::time::timeout(WAIT, async {
+        let Ok(mut s) = TcpStream::connect(addr).await else {
+            return anyhow::Ok(true);
+        };
+        let _ = s.write_all(b"ping").await;
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => Ok(true),
+            Ok(_) => Ok(false),
+        }
+    })
+    .await
+    .context("probe timed out")??;
+    Ok(r)
+}
+
+/// A fresh ed25519 key made by ssh-keygen (for "never-issued key" tests).
+pub fn keygen(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "test", "-f"])
+        .arg(&path)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "ssh-keygen failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(path)
+}

@@ -1,0 +1,256 @@
+//! What the SSH server refuses, each with the real OpenSSH client. Where the client keeps its
+//! session after a refusal, the test also proves the legitimate forward still works.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Issued, Ssh, TestBroker, echo, keygen, roundtrip, ssh_args, ssh_run};
+
+async fn broker_and_tunnel(user: &str) -> anyhow::Result<(TestBroker, Issued)> {
+    let broker = TestBroker::start("").await?;
+    let issued = broker.issue(user, "", 600).await?;
+    Ok((broker, issued))
+}
+
+/// ssh with the issued key, `extra` before the destination; returns exit code and stderr.
+async fn run_with(
+    broker: &TestBroker,
+    issued: &Issued,
+    ssh_user: &str,
+    extra: &[&str],
+) -> anyhow::Result<(i32, String)> {
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    args.extend(ssh_args(
+        broker.ssh,
+        &issued.key,
+        &issued.known_hosts,
+        ssh_user,
+    ));
+    ssh_run(&args).await
+}
+
+#[tokio::test]
+async fn never_issued_key_is_refused() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    let rogue = keygen(broker.dir.path(), "rogue")?;
+    let mut args = vec!["-N".to_string(), "-R".into(), "0:127.0.0.1:9".into()];
+    args.extend(ssh_args(
+        broker.ssh,
+        &rogue,
+        &issued.known_hosts,
+        "tunnelbot",
+    ));
+    let (code, err) = ssh_run(&args).await?;
+    assert_eq!(code, 255);
+    assert!(err.contains("Permission denied (publickey)"), "{err}");
+    assert!(
+        broker
+            .metric("tunnelbot_auth_attempts_total{reason=\"unknown_key\",result=\"refused\"}")
+            .await?
+            >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn credential_under_another_ssh_user_is_refused() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    let (code, err) = run_with(&broker, &issued, "root", &["-N", "-R", "0:127.0.0.1:9"]).await?;
+    assert_eq!(code, 255);
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        broker
+            .metric("tunnelbot_auth_attempts_total{reason=\"wrong_user\",result=\"refused\"}")
+            .await?
+            >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn expired_credential_is_refused() -> anyhow::Result<()> {
+    let broker = TestBroker::start("").await?;
+    let issued = broker.issue("alice", "", 1).await?;
+    broker
+        .wait_tunnel(&issued.id, "expired", |t| t["state"] == "expired")
+        .await?;
+    let (code, err) = run_with(
+        &broker,
+        &issued,
+        "tunnelbot",
+        &["-N", "-R", "0:127.0.0.1:9"],
+    )
+    .await?;
+    assert_eq!(code, 255);
+    assert!(err.contains("Permission denied"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn host_key_is_pinned_by_the_known_hosts_line() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    // Another broker's known_hosts line does not match this broker's host key.
+    let other = TestBroker::start("").await?;
+    let other_issued = other.issue("alice", "", 600).await?;
+    let mut args = vec!["-N".to_string(), "-R".into(), "0:127.0.0.1:9".into()];
+    args.extend(ssh_args(
+        broker.ssh,
+        &issued.key,
+        &other_issued.known_hosts,
+        "tunnelbot",
+    ));
+    let (code, err) = ssh_run(&args).await?;
+    assert_eq!(code, 255);
+    assert!(
+        err.contains("Host key verification failed")
+            || err.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn shell_exec_subsystem_pty_agent_and_x11_are_refused() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    // Each needs a session channel, which is never opened; the client gives up with 255.
+    for extra in [
+        vec![],           // shell
+        vec!["-tt"],      // pty + shell
+        vec!["-A", "-X"], // agent and X11 ride on the session channel
+        vec!["-s"],       // subsystem: "sftp" follows the destination below
+    ] {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(ssh_args(
+            broker.ssh,
+            &issued.key,
+            &issued.known_hosts,
+            "tunnelbot",
+        ));
+        if extra.contains(&"-s") {
+            args.push("sftp".into());
+        }
+        let (code, err) = ssh_run(&args).await?;
+        assert_eq!(code, 255, "{extra:?}: {err}");
+        assert!(
+            err.contains("administratively prohibited"),
+            "{extra:?}: {err}"
+        );
+    }
+    // exec
+    let mut args = ssh_args(broker.ssh, &issued.key, &issued.known_hosts, "tunnelbot");
+    args.push("id".into());
+    let (code, err) = ssh_run(&args).await?;
+    assert_eq!(code, 255, "{err}");
+    assert!(err.contains("administratively prohibited"), "{err}");
+    assert!(
+        broker
+            .metric("tunnelbot_refused_requests_total{kind=\"session\"}")
+            .await?
+            >= 5.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_forward_is_refused_and_the_reverse_forward_keeps_working() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    let notebook = echo("nb:").await?;
+    // The target stands in for CHP's or the hub's API port on the hub.
+    let chp_api = echo("chp:").await?;
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let local_port = local.local_addr()?.port();
+    drop(local);
+    let mut job = Ssh::reverse(
+        &broker,
+        &issued,
+        &format!("0:127.0.0.1:{}", notebook.port),
+        &["-L", &format!("{local_port}:127.0.0.1:{}", chp_api.port)],
+    )?;
+    job.allocated_port().await?;
+    // Through -L, nothing of the hub's port comes back.
+    assert!(common::carries_nothing(SocketAddr::from(([127, 0, 0, 1], local_port))).await?);
+    job.wait_line("administratively prohibited").await?;
+    assert!(job.running());
+    let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
+    assert_eq!(roundtrip(hub_side, b"a", 4).await?, b"nb:a");
+    assert!(
+        broker
+            .metric("tunnelbot_refused_requests_total{kind=\"direct_tcpip\"}")
+            .await?
+            >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn other_ports_other_addresses_unix_sockets_and_a_second_listener_are_refused()
+-> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    let other = broker.issue("bob", "", 600).await?;
+    let notebook = echo("nb:").await?;
+    let nb = notebook.port;
+    let sock = broker.dir.path().join("fwd.sock");
+    let refused = [
+        format!("{}:127.0.0.1:{nb}", other.port), // another tunnel's port
+        format!("{}:127.0.0.1:{nb}", issued.port + 1000), // outside this grant
+        format!("0.0.0.0:0:127.0.0.1:{nb}"),      // non-loopback bind address
+        format!("[::]:0:127.0.0.1:{nb}"),
+        format!("{}:127.0.0.1:{nb}", sock.display()), // a Unix socket on the hub
+        format!("0:localhost:{nb}"), // a second listener, same session (ssh drops exact duplicates)
+    ];
+    let mut extra: Vec<String> = vec!["-o".into(), "ExitOnForwardFailure=no".into()];
+    for r in &refused {
+        extra.push("-R".into());
+        extra.push(r.clone());
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let job = Ssh::reverse(&broker, &issued, &format!("0:127.0.0.1:{nb}"), &extra)?;
+    assert_eq!(job.allocated_port().await?, issued.port);
+    // One failure line per refused forward.
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    loop {
+        let n = job.stderr().matches("forwarding failed").count();
+        if n >= refused.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {n} refusals seen:\n{}",
+            job.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
+    assert_eq!(roundtrip(hub_side, b"k", 4).await?, b"nb:k");
+    assert!(!sock.exists());
+    let metric = |reason: &str| {
+        format!("tunnelbot_forward_requests_total{{reason=\"{reason}\",result=\"refused\"}}")
+    };
+    assert!(broker.metric(&metric("wrong_port")).await? >= 2.0);
+    assert!(broker.metric(&metric("not_loopback")).await? >= 2.0);
+    assert!(broker.metric(&metric("unix_socket")).await? >= 1.0);
+    assert!(broker.metric(&metric("already_forwarding")).await? >= 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn exit_on_forward_failure_reports_a_wrong_port_clearly() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    let (code, err) = run_with(
+        &broker,
+        &issued,
+        "tunnelbot",
+        &[
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-R",
+            &format!("{}:127.0.0.1:9", issued.port + 1),
+        ],
+    )
+    .await?;
+    assert_eq!(code, 255);
+    assert!(err.contains("remote port forwarding failed"), "{err}");
+    Ok(())
+}
