@@ -176,7 +176,7 @@ fn view(broker: &Broker, grant: &Grant, live: Option<&LiveStatus>) -> TunnelView
         peer: link.map(|(_, peer)| peer.to_string()),
         bytes_to_job: live.map_or(0, |l| l.bytes_to_job),
         bytes_from_job: live.map_or(0, |l| l.bytes_from_job),
-        route: "disabled".into(),
+        route: broker.route_state(grant.id()).as_str().into(),
         private_key: None,
     }
 }
@@ -197,7 +197,10 @@ async fn issue(
 ) -> Response {
     let Json(body) = match body {
         Ok(b) => b,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+        // axum says 422 for well-formed JSON of the wrong shape; to a caller both are a bad
+        // body, so both are 400 (only a wrong content type keeps its 415).
+        Err(JsonRejection::MissingJsonContentType(r)) => return error(r.status(), r.body_text()),
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
     let req = IssueRequest {
         user: body.user,

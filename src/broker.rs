@@ -15,6 +15,7 @@ use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::ports::{PoolError, PortPool};
+use crate::routes::{Route, RouteState, Routes};
 use crate::secret::Secret;
 use crate::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
 use crate::tunnels::{Link, LiveStatus, Tunnels};
@@ -70,6 +71,7 @@ struct Inner {
     store: Arc<dyn Store>,
     metrics: Metrics,
     ssh_port: u16,
+    routes: Option<Routes>,
 }
 
 impl Broker {
@@ -92,6 +94,18 @@ impl Broker {
             config.tunnels.write_timeout,
         );
         let ssh_port = config.ssh_public_port(ssh_addr);
+        let routes = if config.chp.enabled {
+            let backend = Arc::new(crate::chp::ChpClient::from_config(&config.chp)?);
+            Some(Routes::new(
+                backend,
+                config.chp.target_host.clone(),
+                config.tunnels.ports,
+                config.chp.reconcile_interval,
+                metrics.clone(),
+            ))
+        } else {
+            None
+        };
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
@@ -102,6 +116,7 @@ impl Broker {
                 store,
                 metrics,
                 ssh_port,
+                routes,
             }),
         };
         broker.restore().await?;
@@ -291,6 +306,9 @@ impl Broker {
             EndReason::Expired => "credential expired",
         };
         self.inner.tunnels.close(grant.id(), message);
+        if let Some(routes) = &self.inner.routes {
+            routes.unwant(grant.id());
+        }
         self.inner
             .metrics
             .tunnel_revocations
@@ -362,12 +380,44 @@ impl Broker {
         if grant.ended().is_some() || unix_now() >= grant.expires_at() {
             return Err(ForwardRefusal::Ended);
         }
-        self.inner.tunnels.attach(grant.id(), link)
+        let port = self.inner.tunnels.attach(grant.id(), link)?;
+        if let Some(routes) = &self.inner.routes {
+            let chp = &self.inner.config.chp;
+            routes.want(
+                grant.id(),
+                Route::for_server(
+                    &chp.base_url,
+                    grant.user(),
+                    grant.server_name(),
+                    &chp.target_host,
+                    port,
+                ),
+            );
+        }
+        Ok(port)
     }
 
-    /// Unlinks a session from its tunnel (session end or `cancel-tcpip-forward`).
+    /// Unlinks a session from its tunnel (session end or `cancel-tcpip-forward`); false when a
+    /// newer session had already taken it over.
     pub fn unlink(&self, grant: &Grant, session_id: u64) -> bool {
-        self.inner.tunnels.detach(grant.id(), session_id)
+        let detached = self.inner.tunnels.detach(grant.id(), session_id);
+        if detached && let Some(routes) = &self.inner.routes {
+            routes.unwant(grant.id());
+        }
+        detached
+    }
+
+    /// The route worker, when route support is on.
+    pub fn routes(&self) -> Option<&Routes> {
+        self.inner.routes.as_ref()
+    }
+
+    /// The proxy route state of tunnel `id`.
+    pub fn route_state(&self, id: &str) -> RouteState {
+        self.inner
+            .routes
+            .as_ref()
+            .map_or(RouteState::Disabled, |r| r.state(id))
     }
 
     /// Every tunnel with its live status, newest first.

@@ -8,6 +8,8 @@
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `grants`   per-job credentials: login and forward decisions (plain Rust)
 //! - `tunnels`  a listener per active grant, and the bridge to the job's channel
+//! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
+//! - `chp`      configurable-http-proxy's REST API as a route backend
 //! - `broker`   issue / revoke / expire, keeping the above in step
 //! - `ssh`      the thin russh handler
 //! - `admin`    the loopback HTTP API
@@ -21,12 +23,14 @@
 
 pub mod admin;
 pub mod broker;
+pub mod chp;
 pub mod cli;
 pub mod config;
 pub mod grants;
 pub mod keys;
 pub mod metrics;
 pub mod ports;
+pub mod routes;
 pub mod secret;
 pub mod shutdown;
 pub mod ssh;
@@ -103,6 +107,10 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
 
     let reaper = tokio::spawn(broker.clone().run_reaper(cancel.clone()));
+    let routes = broker
+        .routes()
+        .cloned()
+        .map(|r| tokio::spawn(r.run(cancel.clone())));
     let ssh = tokio::spawn(ssh::serve(
         listeners.ssh,
         broker.clone(),
@@ -134,6 +142,9 @@ pub async fn run(
         );
     }
     let _ = reaper.await;
+    if let Some(r) = routes {
+        let _ = r.await;
+    }
     match tokio::time::timeout(Duration::from_secs(2), admin).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "admin server error"),
         Ok(_) => {}

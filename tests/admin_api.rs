@@ -35,10 +35,10 @@ async fn bad_requests_get_a_json_error_that_says_what_is_wrong() -> anyhow::Resu
         (
             Some(&token),
             r#"{"user":"a","colour":"red"}"#,
-            422,
+            400,
             "unknown field",
         ),
-        (Some(&token), r#"{"server_name":"x"}"#, 422, "missing field"),
+        (Some(&token), r#"{"server_name":"x"}"#, 400, "missing field"),
         (
             Some(&token),
             r#"{"user":""}"#,

@@ -62,20 +62,25 @@ pub fn base_config(dir: &Path, tunnel_ip: IpAddr, extra: &str) -> String {
 impl TestBroker {
     /// Starts a broker with CHP off; `tunnels` holds extra `[tunnels]` keys.
     pub async fn start(tunnels: &str) -> anyhow::Result<Self> {
-        Self::start_with(tunnels, |_| "[chp]\nenabled = false\n".into()).await
+        Self::start_with(tunnels, |_, _| Ok("[chp]\nenabled = false\n".into())).await
+    }
+
+    /// Starts a broker routing through `chp` under `base_url`.
+    pub async fn with_chp(chp: &Chp, base_url: &str) -> anyhow::Result<Self> {
+        Self::start_with("", |dir, ip| chp.broker_config(dir, ip, base_url)).await
     }
 
     /// Starts a broker; `tables` builds the TOML tables after `[tunnels]` from the tunnel address.
     pub async fn start_with(
         tunnels: &str,
-        tables: impl FnOnce(IpAddr) -> String,
+        tables: impl FnOnce(&Path, IpAddr) -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let tunnel_ip = unique_loopback();
         let text = format!(
             "{}{}",
             base_config(dir.path(), tunnel_ip, tunnels),
-            tables(tunnel_ip)
+            tables(dir.path(), tunnel_ip)?
         );
         let config = tunnelbot::Config::parse(&text)?;
         config.validate()?;
@@ -502,4 +507,220 @@ pub fn keygen(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// A real configurable-http-proxy process on loopback.
+pub struct Chp {
+    pub public: SocketAddr,
+    pub api: SocketAddr,
+    pub token: String,
+    child: Option<Child>,
+}
+
+/// CHP's binary: `$CHP_BIN`, else what scripts/setup.sh installs.
+pub fn chp_bin() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("CHP_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(".deps/node/node_modules/.bin/configurable-http-proxy")
+        });
+    if !path.exists() {
+        bail!(
+            "configurable-http-proxy not found at {}: run scripts/setup.sh (or set CHP_BIN)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A port nothing listens on right now. CHP cannot be handed a socket, so it gets a port this
+/// way; `Chp::start` retries when another process takes it first.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Chp {
+    /// Starts CHP on fresh ports with a fresh token.
+    pub async fn start() -> anyhow::Result<Self> {
+        let token = format!("chp-{}", std::process::id()) + &free_port()?.to_string();
+        for _ in 0..5 {
+            let public = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let api = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let mut chp = Self {
+                public,
+                api,
+                token: token.clone(),
+                child: None,
+            };
+            if chp.spawn().await? {
+                return Ok(chp);
+            }
+        }
+        bail!("CHP did not start after 5 tries")
+    }
+
+    /// (Re)starts the process on the same ports; false when it exited (port taken).
+    pub async fn spawn(&mut self) -> anyhow::Result<bool> {
+        let mut child = Command::new(chp_bin()?)
+            .args([
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                &self.public.port().to_string(),
+            ])
+            .args([
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                &self.api.port().to_string(),
+            ])
+            .args(["--log-level", "warn"])
+            .env("CONFIGPROXY_AUTH_TOKEN", &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting configurable-http-proxy")?;
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(false);
+            }
+            let r = http
+                .get(format!("http://{}/api/routes", self.api))
+                .header("Authorization", format!("token {}", self.token))
+                .send()
+                .await;
+            if r.is_ok_and(|r| r.status().is_success()) {
+                self.child = Some(child);
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("CHP not answering on {}", self.api);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the process (routes are in its memory only, so they are gone).
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the CHP token to a 0600 file for the broker's `chp.token_file`.
+    pub fn token_file(&self, dir: &Path) -> anyhow::Result<PathBuf> {
+        let path = dir.join("chp.token");
+        write_0600(&path, &self.token)?;
+        Ok(path)
+    }
+
+    /// The `[chp]` table pointing a broker at this CHP.
+    pub fn broker_config(
+        &self,
+        dir: &Path,
+        tunnel_ip: IpAddr,
+        base_url: &str,
+    ) -> anyhow::Result<String> {
+        Ok(format!(
+            "[chp]\nenabled = true\napi_url = \"http://{}\"\ntoken_file = {:?}\nbase_url = \"{base_url}\"\ntarget_host = \"{tunnel_ip}\"\nreconcile_interval = \"200ms\"\n",
+            self.api,
+            self.token_file(dir)?
+        ))
+    }
+
+    /// CHP's routing table.
+    pub async fn routes(&self) -> anyhow::Result<Value> {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}/api/routes", self.api))
+            .header("Authorization", format!("token {}", self.token))
+            .send()
+            .await?;
+        Ok(r.json().await?)
+    }
+
+    /// Polls the table until `pred` holds for the route at `path` (None = absent).
+    pub async fn wait_route(
+        &self,
+        path: &str,
+        what: &str,
+        pred: impl Fn(Option<&Value>) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let table = self.routes().await?;
+            if pred(table.get(path)) {
+                return Ok(table);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("route {path} never became {what}: {table}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Adds a route directly, as the hub or another tool would.
+    pub async fn add_route(&self, path: &str, data: Value) -> anyhow::Result<()> {
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/api/routes{path}", self.api))
+            .header("Authorization", format!("token {}", self.token))
+            .json(&data)
+            .send()
+            .await?;
+        if r.status().as_u16() != 201 {
+            bail!("CHP answered {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// GET through CHP's public port; returns status and body.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.public))
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        Ok((status, r.text().await?))
+    }
+}
+
+/// A minimal HTTP backend on 127.0.0.1:0 answering `<tag> <path>` to every request.
+pub async fn http_backend(tag: &'static str) -> anyhow::Result<Echo> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let Ok(Some(request_line)) = lines.next_line().await else {
+                    return;
+                };
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if l.is_empty() {
+                        break;
+                    }
+                }
+                let path = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("?")
+                    .to_owned();
+                let body = format!("{tag} {path}");
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = w.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    Ok(Echo { port, task })
 }
