@@ -17,6 +17,8 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked
+echo "== contrib (systemd unit, alert rules, dashboard)"
+TUNNELBOT_BIN="$repo/target/debug/tunnelbot" bash contrib/check.sh
 if [ -f python/ci.sh ]; then
     echo "== python package"
     TUNNELBOT_BIN="$repo/target/debug/tunnelbot" bash python/ci.sh

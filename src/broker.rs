@@ -94,6 +94,9 @@ impl Broker {
             config.tunnels.write_timeout,
         );
         let ssh_port = config.ssh_public_port(ssh_addr);
+        metrics
+            .ports_total
+            .set(i64::try_from(config.tunnels.ports.len()).unwrap_or(i64::MAX));
         let routes = if config.chp.enabled {
             let backend = Arc::new(crate::chp::ChpClient::from_config(&config.chp)?);
             Some(Routes::new(

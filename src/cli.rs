@@ -118,6 +118,15 @@ impl Client {
         )?)
     }
 
+    /// `GET /readyz`: whether the broker is serving.
+    pub async fn ready(&self) -> anyhow::Result<bool> {
+        let resp = self.http.get(format!("{}/readyz", self.base)).send().await;
+        Ok(resp
+            .with_context(|| format!("calling the admin API at {}", self.base))?
+            .status()
+            .is_success())
+    }
+
     /// `DELETE /api/v1/tunnels/{id}`.
     pub async fn revoke(&self, id: &str) -> anyhow::Result<()> {
         self.call(
@@ -162,6 +171,37 @@ pub fn print_issued(t: &TunnelView, key_file: Option<&Path>) -> anyhow::Result<(
         (_, None) => println!("key      the job's own (public key given)"),
     }
     Ok(())
+}
+
+/// Prints broker health and the live tunnels, for `tunnelbot status`.
+pub fn print_status(ready: bool, tunnels: &[TunnelView]) {
+    let active: Vec<&TunnelView> = tunnels.iter().filter(|t| t.state == "active").collect();
+    let connected = active.iter().filter(|t| t.connected).count();
+    let route_errors = active.iter().filter(|t| t.route == "error").count();
+    println!(
+        "broker   {}  tunnels {} active, {} connected, {} route errors",
+        if ready { "ready" } else { "NOT READY" },
+        active.len(),
+        connected,
+        route_errors
+    );
+    println!(
+        "{:<16} {:<10} {:>5} {:<20} {:<21} {:>10} {:>10} {:<10}",
+        "USER", "SERVER", "PORT", "CONNECTED SINCE", "SOURCE", "TO JOB", "FROM JOB", "ROUTE"
+    );
+    for t in active {
+        println!(
+            "{:<16} {:<10} {:>5} {:<20} {:<21} {:>10} {:>10} {:<10}",
+            t.user,
+            t.server_name,
+            t.port,
+            t.connected_since.as_deref().unwrap_or("-"),
+            t.peer.as_deref().unwrap_or("-"),
+            t.bytes_to_job,
+            t.bytes_from_job,
+            t.route
+        );
+    }
 }
 
 /// Prints tunnels as a table.

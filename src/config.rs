@@ -324,6 +324,18 @@ impl Config {
                 !self.chp.reconcile_interval.is_zero(),
                 "chp.reconcile_interval must be above zero"
             );
+            ensure!(
+                self.chp.hub_api_url.is_some() == self.chp.hub_token_file.is_some(),
+                "chp.hub_api_url and chp.hub_token_file go together"
+            );
+            for (key, file) in [
+                ("chp.token_file", &self.chp.token_file),
+                ("chp.hub_token_file", &self.chp.hub_token_file),
+            ] {
+                if let Some(path) = file {
+                    crate::keys::check_private_file(path).context(key)?;
+                }
+            }
         }
         Ok(())
     }
@@ -406,6 +418,14 @@ mod tests {
     fn ssh_port_inside_tunnel_range_is_refused() {
         let c = Config::parse("[ssh]\nlisten = \"0.0.0.0:20001\"\n").unwrap();
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn chp_token_files_are_checked_up_front() {
+        let c = Config::parse("[chp]\ntoken_file = \"/nonexistent/chp.token\"\n").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("chp.token_file"));
+        let c = Config::parse("[chp]\nhub_api_url = \"http://127.0.0.1:8081/hub/api\"\n").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("go together"));
     }
 
     #[test]

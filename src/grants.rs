@@ -147,6 +147,17 @@ pub enum ForwardRefusal {
 }
 
 impl ForwardRefusal {
+    /// Every label `as_str` can return.
+    pub const LABELS: [&'static str; 7] = [
+        "wrong_port",
+        "not_loopback",
+        "already_forwarding",
+        "not_authenticated",
+        "ended",
+        "port_unavailable",
+        "unix_socket",
+    ];
+
     /// Metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -121,7 +121,9 @@ pub async fn run(
         broker: broker.clone(),
         ready: Arc::clone(&ready),
     });
-    let admin_cancel = cancel.clone();
+    // The admin API outlives the drain, so /readyz says 503 and /metrics stays readable meanwhile.
+    let admin_cancel = CancellationToken::new();
+    let admin_stop = admin_cancel.clone();
     let admin = tokio::spawn(async move {
         axum::serve(listeners.admin, app)
             .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
@@ -145,6 +147,7 @@ pub async fn run(
     if let Some(r) = routes {
         let _ = r.await;
     }
+    admin_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(2), admin).await {
         Ok(Ok(Err(e))) => warn!(error = %e, "admin server error"),
         Ok(_) => {}

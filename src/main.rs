@@ -78,6 +78,14 @@ enum Command {
         #[command(flatten)]
         api: Api,
     },
+    /// Broker health and live tunnels (user, server, port, since, source, bytes, route).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
     /// Revoke a tunnel: its job is disconnected and its port freed.
     Revoke {
         /// Tunnel id.
@@ -104,7 +112,6 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             error!("invalid config: {e:#}");
-            eprintln!("tunnelbot: invalid config: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -119,7 +126,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("tunnelbot: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -169,6 +175,24 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&tunnels)?)
             } else {
                 cli::print_table(&tunnels)
+            }
+            Ok(())
+        }
+        Command::Status { json, api } => {
+            let client =
+                cli::Client::new(&config, api.admin_url.as_deref(), api.token_file.as_deref())?;
+            let ready = client.ready().await?;
+            let tunnels = client.list().await?;
+            if json {
+                let live: Vec<_> = tunnels.iter().filter(|t| t.state == "active").collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"ready": ready, "tunnels": live})
+                    )?
+                );
+            } else {
+                cli::print_status(ready, &tunnels);
             }
             Ok(())
         }

@@ -4,8 +4,8 @@
 //! carries a user name: label values are fixed enums, so the series count stays bounded.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the broker exports.
@@ -42,6 +42,8 @@ pub struct Metrics {
     pub tunnel_revocations: IntCounterVec,
     /// Ports of the range not reserved by a tunnel.
     pub ports_free: IntGauge,
+    /// Ports in the configured range.
+    pub ports_total: IntGauge,
     /// SSH connections that ended before a login, or failed the protocol.
     pub ssh_connection_errors: IntCounterVec,
 }
@@ -84,7 +86,13 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        Ok(Self {
+        let build = IntGaugeVec::new(
+            Opts::new("tunnelbot_build_info", "Always 1; the version is a label."),
+            &["version"],
+        )?;
+        registry.register(Box::new(build.clone()))?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let metrics = Self {
             tunnels_issued: counter(
                 "tunnelbot_tunnels_issued_total",
                 "Tunnel credentials issued.",
@@ -150,13 +158,61 @@ impl Metrics {
                 "tunnelbot_ports_free",
                 "Hub ports not reserved by a tunnel.",
             )?,
+            ports_total: gauge(
+                "tunnelbot_ports_total",
+                "Hub ports in the configured range.",
+            )?,
             ssh_connection_errors: counter_vec(
                 "tunnelbot_ssh_connection_errors_total",
                 "SSH connections that failed, by kind.",
                 &["kind"],
             )?,
             registry,
-        })
+        };
+        metrics.touch_known_series();
+        Ok(metrics)
+    }
+
+    /// Creates every fixed label combination at 0, so the first event is visible to `rate()`.
+    fn touch_known_series(&self) {
+        let refusals = [
+            "unknown_key",
+            "expired",
+            "revoked",
+            "wrong_user",
+            "password",
+        ];
+        self.auth_attempts.with_label_values(&["accepted", "ok"]);
+        for r in refusals {
+            self.auth_attempts.with_label_values(&["refused", r]);
+        }
+        self.forward_requests.with_label_values(&["granted", "ok"]);
+        for r in crate::grants::ForwardRefusal::LABELS {
+            self.forward_requests.with_label_values(&["refused", r]);
+        }
+        for k in [
+            "session",
+            "direct_tcpip",
+            "direct_streamlocal",
+            "x11",
+            "forwarded_tcpip",
+        ] {
+            self.refused_requests.with_label_values(&[k]);
+        }
+        for d in ["to_job", "from_job"] {
+            self.forwarded_bytes.with_label_values(&[d]);
+        }
+        for op in ["add", "delete", "list", "hub_restore"] {
+            for result in ["ok", "error"] {
+                self.route_operations.with_label_values(&[op, result]);
+            }
+        }
+        for r in ["revoked", "expired", "replaced"] {
+            self.tunnel_revocations.with_label_values(&[r]);
+        }
+        for k in ["login_timeout", "handshake", "session"] {
+            self.ssh_connection_errors.with_label_values(&[k]);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

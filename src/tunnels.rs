@@ -411,6 +411,9 @@ impl Bridge {
                         stats
                             .bytes_from_job
                             .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        link_bytes
+                            .bytes_from_job
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
                         from_job.inc_by(data.len() as u64);
                     }
                     ChannelMsg::Eof => {
