@@ -19,12 +19,7 @@ async fn request_through_chp_reaches_the_job_and_route_follows_the_tunnel() -> a
     let issued = broker.issue("alice", "", 600).await?;
     assert_eq!(broker.tunnel(&issued.id).await?["route"], "absent");
     let notebook = http_backend("alice-nb").await?;
-    let mut job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;
 
     let want = target(&broker, issued.port);
@@ -70,18 +65,8 @@ async fn revoke_and_expiry_remove_the_route() -> anyhow::Result<()> {
     let notebook = http_backend("nb").await?;
     let revoked = broker.issue("rita", "", 600).await?;
     let expiring = broker.issue("ezra", "", 2).await?;
-    let _a = Ssh::reverse(
-        &broker,
-        &revoked,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
-    let _b = Ssh::reverse(
-        &broker,
-        &expiring,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let _a = Ssh::job(&broker, &revoked, notebook.port)?;
+    let _b = Ssh::job(&broker, &expiring, notebook.port)?;
     chp.wait_route("/user/rita", "registered", |r| r.is_some())
         .await?;
     chp.wait_route("/user/ezra", "registered", |r| r.is_some())
@@ -100,12 +85,7 @@ async fn named_servers_under_a_base_url() -> anyhow::Result<()> {
     let broker = TestBroker::with_chp(&chp, "/jh/").await?;
     let issued = broker.issue("bob@example.org", "gpu 1", 600).await?;
     let notebook = http_backend("bob-gpu").await?;
-    let _job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let _job = Ssh::job(&broker, &issued, notebook.port)?;
     let want = target(&broker, issued.port);
     let table = chp
         .wait_route("/jh/user/bob@example.org/gpu 1", "registered", |r| {
@@ -131,12 +111,7 @@ async fn chp_restart_gets_routes_back_and_foreign_routes_are_left_alone() -> any
     let broker = TestBroker::with_chp(&chp, "/").await?;
     let issued = broker.issue("carol", "", 600).await?;
     let notebook = http_backend("carol-nb").await?;
-    let _job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let _job = Ssh::job(&broker, &issued, notebook.port)?;
     chp.wait_route("/user/carol", "registered", |r| r.is_some())
         .await?;
 
@@ -186,12 +161,7 @@ async fn chp_down_at_start_does_not_stop_tunnels_and_routes_appear_when_it_is_up
     let broker = TestBroker::with_chp(&chp, "/").await?;
     let issued = broker.issue("dora", "", 600).await?;
     let notebook = common::echo("nb:").await?;
-    let job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let job = Ssh::job(&broker, &issued, notebook.port)?;
     assert_eq!(job.allocated_port().await?, issued.port);
     let hub_side = std::net::SocketAddr::new(broker.tunnel_ip, issued.port);
     assert_eq!(common::roundtrip(hub_side, b"x", 4).await?, b"nb:x");
@@ -222,21 +192,11 @@ async fn reconnect_keeps_the_route_on_the_same_port() -> anyhow::Result<()> {
     let issued = broker.issue("erin", "", 600).await?;
     let notebook = http_backend("nb").await?;
     let want = target(&broker, issued.port);
-    let first = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let first = Ssh::job(&broker, &issued, notebook.port)?;
     chp.wait_route("/user/erin", "registered", |r| r.is_some())
         .await?;
     // Newest wins: a second connection replaces the first without the route changing.
-    let second = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let second = Ssh::job(&broker, &issued, notebook.port)?;
     second.allocated_port().await?;
     for _ in 0..10 {
         let table = chp.routes().await?;

@@ -47,12 +47,7 @@ async fn counters_move_as_the_real_client_connects_is_refused_transfers_and_leav
     );
 
     let notebook = echo("").await?;
-    let mut job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;
     assert_eq!(
         broker
@@ -312,12 +307,7 @@ async fn status_shows_live_tunnels_and_health() -> anyhow::Result<()> {
     let broker = TestBroker::start("").await?;
     let issued = broker.issue("alice", "gpu", 600).await?;
     let notebook = echo("").await?;
-    let job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;
     let config = broker.dir.path().join("tb.toml");
     std::fs::write(

@@ -21,12 +21,7 @@ async fn job_forward_lands_on_its_reserved_port_and_carries_bytes_both_ways() ->
     assert_eq!(issued.json["ssh_user"], "tunnelbot");
     assert_eq!(issued.json["ssh_port"], broker.ssh.port());
     let notebook = echo("nb:").await?;
-    let job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let job = Ssh::job(&broker, &issued, notebook.port)?;
     assert_eq!(job.allocated_port().await?, issued.port);
 
     let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
@@ -72,23 +67,13 @@ async fn reconnect_gets_the_same_port_and_newest_session_wins() -> anyhow::Resul
     let issued = broker.issue("carol", "", 600).await?;
     let first_nb = echo("first:").await?;
     let second_nb = echo("second:").await?;
-    let mut first = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", first_nb.port),
-        &[],
-    )?;
+    let mut first = Ssh::job(&broker, &issued, first_nb.port)?;
     assert_eq!(first.allocated_port().await?, issued.port);
     let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
     assert_eq!(roundtrip(hub_side, b"x", 7).await?, b"first:x");
 
     // The job reconnects while its old connection is still up: the newest wins at once.
-    let second = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", second_nb.port),
-        &[],
-    )?;
+    let second = Ssh::job(&broker, &issued, second_nb.port)?;
     assert_eq!(second.allocated_port().await?, issued.port);
     assert_eq!(first.exit_code().await?, 255);
     assert!(
@@ -113,12 +98,7 @@ async fn dropped_connection_reconnects_to_the_same_port() -> anyhow::Result<()> 
     let notebook = echo("nb:").await?;
     let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
     for round in 0..3 {
-        let mut job = Ssh::reverse(
-            &broker,
-            &issued,
-            &format!("0:127.0.0.1:{}", notebook.port),
-            &[],
-        )?;
+        let mut job = Ssh::job(&broker, &issued, notebook.port)?;
         assert_eq!(job.allocated_port().await?, issued.port, "round {round}");
         assert_eq!(roundtrip(hub_side, b"r", 4).await?, b"nb:r");
         job.child.kill().await?;
@@ -138,12 +118,7 @@ async fn revoke_disconnects_within_a_second_and_frees_the_port() -> anyhow::Resu
     let broker = TestBroker::start("").await?;
     let issued = broker.issue("erin", "", 600).await?;
     let notebook = echo("").await?;
-    let mut job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;
     broker
         .wait_tunnel(&issued.id, "connected", |t| t["connected"] == true)
@@ -173,12 +148,7 @@ async fn revoke_disconnects_within_a_second_and_frees_the_port() -> anyhow::Resu
     );
     // Revoking again is harmless; the key no longer logs in.
     assert_eq!(broker.revoke(&issued.id).await?, 204);
-    let mut again = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let mut again = Ssh::job(&broker, &issued, notebook.port)?;
     assert_eq!(again.exit_code().await?, 255);
     assert!(
         again.stderr().contains("Permission denied"),
@@ -193,12 +163,7 @@ async fn expiry_disconnects_the_session_and_frees_the_port() -> anyhow::Result<(
     let broker = TestBroker::start("").await?;
     let issued = broker.issue("frank", "", 2).await?;
     let notebook = echo("").await?;
-    let mut job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;
     assert_eq!(job.exit_code().await?, 255);
     assert!(
@@ -228,7 +193,7 @@ async fn notebook_refusing_a_connection_closes_only_that_connection() -> anyhow:
         l.local_addr()?.port()
     };
     let notebook = echo("ok:").await?;
-    let mut job = Ssh::reverse(&broker, &issued, &format!("0:127.0.0.1:{dead_port}"), &[])?;
+    let mut job = Ssh::job(&broker, &issued, dead_port)?;
     job.allocated_port().await?;
     let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
     assert!(carries_nothing(hub_side).await?);
@@ -241,12 +206,7 @@ async fn notebook_refusing_a_connection_closes_only_that_connection() -> anyhow:
     broker
         .wait_tunnel(&issued.id, "disconnected", |t| t["connected"] == false)
         .await?;
-    let _job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let _job = Ssh::job(&broker, &issued, notebook.port)?;
     broker
         .wait_tunnel(&issued.id, "connected", |t| t["connected"] == true)
         .await?;
@@ -259,12 +219,7 @@ async fn shutdown_tells_jobs_and_finishes() -> anyhow::Result<()> {
     let mut broker = TestBroker::start("").await?;
     let issued = broker.issue("hank", "", 600).await?;
     let notebook = echo("").await?;
-    let mut job = Ssh::reverse(
-        &broker,
-        &issued,
-        &format!("0:127.0.0.1:{}", notebook.port),
-        &[],
-    )?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;
     broker.shutdown().await?;
     assert_eq!(job.exit_code().await?, 255);

@@ -369,6 +369,11 @@ impl Ssh {
         Self::spawn(&args)
     }
 
+    /// The job's usual tunnel, `-R 0:127.0.0.1:<notebook port>`.
+    pub fn job(broker: &TestBroker, issued: &Issued, notebook_port: u16) -> anyhow::Result<Self> {
+        Self::reverse(broker, issued, &format!("0:127.0.0.1:{notebook_port}"), &[])
+    }
+
     pub fn stderr(&self) -> String {
         self.lines.0.lock().unwrap().join("\n")
     }
