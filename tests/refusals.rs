@@ -254,3 +254,52 @@ async fn exit_on_forward_failure_reports_a_wrong_port_clearly() -> anyhow::Resul
     assert!(err.contains("remote port forwarding failed"), "{err}");
     Ok(())
 }
+
+#[tokio::test]
+async fn password_and_keyboard_interactive_are_not_offered() -> anyhow::Result<()> {
+    let (broker, issued) = broker_and_tunnel("alice").await?;
+    // An askpass that would answer any prompt, so only the server's refusal can stop the login.
+    let askpass = broker.dir.path().join("askpass.sh");
+    std::fs::write(&askpass, "#!/bin/sh\necho hunter2\n")?;
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )?;
+    let mut args: Vec<String> = [
+        "-N",
+        "-o",
+        "PubkeyAuthentication=no",
+        "-o",
+        "PreferredAuthentications=password,keyboard-interactive",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(ssh_args(
+        broker.ssh,
+        &issued.key,
+        &issued.known_hosts,
+        "tunnelbot",
+    ));
+    // ssh_args sets BatchMode=yes; a later -o cannot override it, so drop it for this run.
+    let at = args
+        .iter()
+        .position(|a| a == "BatchMode=yes")
+        .expect("BatchMode in ssh_args");
+    args.drain(at - 1..=at);
+    let mut cmd = tokio::process::Command::new("ssh");
+    cmd.args(&args)
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", ":0")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(common::WAIT, cmd.output()).await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{err}");
+    assert!(
+        err.contains("Permission denied (publickey)"),
+        "only publickey may be offered: {err}"
+    );
+    Ok(())
+}
