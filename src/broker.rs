@@ -72,6 +72,7 @@ struct Inner {
     metrics: Metrics,
     ssh_port: u16,
     routes: Option<Routes>,
+    failures: crate::limits::FailureLimiter,
 }
 
 impl Broker {
@@ -88,11 +89,12 @@ impl Broker {
             config.tunnels.ports,
             config.tunnels.bind_address,
         ));
-        let tunnels = Tunnels::new(
-            Arc::clone(&ports),
-            metrics.clone(),
-            config.tunnels.write_timeout,
-        );
+        let carry = crate::tunnels::CarryLimits {
+            write_timeout: config.tunnels.write_timeout,
+            max_connections: u64::try_from(config.limits.max_connections_per_tunnel)
+                .unwrap_or(u64::MAX),
+        };
+        let tunnels = Tunnels::new(Arc::clone(&ports), metrics.clone(), carry);
         let ssh_port = config.ssh_public_port(ssh_addr);
         metrics
             .ports_total
@@ -109,6 +111,7 @@ impl Broker {
         } else {
             None
         };
+        let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
@@ -119,6 +122,7 @@ impl Broker {
                 store,
                 metrics,
                 ssh_port,
+                failures,
                 routes,
             }),
         };
@@ -361,6 +365,18 @@ impl Broker {
                 _ = tick.tick() => self.reap().await,
             }
         }
+    }
+
+    /// Counts a failed login from `ip` towards its per-minute limit.
+    pub fn auth_failed(&self, ip: std::net::IpAddr) {
+        self.inner
+            .failures
+            .record_failure(ip, std::time::Instant::now());
+    }
+
+    /// Whether `ip` failed too many logins this minute to be let in.
+    pub fn source_blocked(&self, ip: std::net::IpAddr) -> bool {
+        self.inner.failures.blocked(ip, std::time::Instant::now())
     }
 
     /// Decides an SSH public-key login.

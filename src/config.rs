@@ -28,6 +28,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Routes in configurable-http-proxy.
     pub chp: ChpConfig,
+    /// Caps that keep one misbehaving client from exhausting the broker.
+    pub limits: LimitsConfig,
 }
 
 impl Default for Config {
@@ -39,6 +41,7 @@ impl Default for Config {
             tunnels: TunnelsConfig::default(),
             admin: AdminConfig::default(),
             chp: ChpConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -175,6 +178,37 @@ impl Default for ChpConfig {
     }
 }
 
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// SSH connections held at once; more are closed at accept.
+    pub max_sessions: usize,
+    /// Connections in the handshake (not yet logged in) at once; more wait their turn, bounded
+    /// by `login_grace`, so a job-array storm queues instead of failing.
+    pub max_startups: usize,
+    /// Time from TCP accept to a successful login; a silent client is dropped after it.
+    #[serde(with = "humantime_serde")]
+    pub login_grace: Duration,
+    /// Hub-side connections carried at once by one tunnel; more are closed.
+    pub max_connections_per_tunnel: usize,
+    /// Failed logins per source address per minute before its connections are turned away for
+    /// the rest of the minute; 0 disables.
+    pub auth_failures_per_minute: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 20_000,
+            max_startups: 512,
+            login_grace: Duration::from_secs(30),
+            max_connections_per_tunnel: 512,
+            auth_failures_per_minute: 60,
+        }
+    }
+}
+
 /// An inclusive port range written `"20000-29999"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
@@ -292,6 +326,15 @@ impl Config {
         ensure!(
             !self.tunnels.write_timeout.is_zero(),
             "tunnels.write_timeout must be above zero"
+        );
+        let l = &self.limits;
+        ensure!(
+            l.max_sessions > 0 && l.max_startups > 0 && l.max_connections_per_tunnel > 0,
+            "limits.max_sessions, max_startups and max_connections_per_tunnel must be at least 1"
+        );
+        ensure!(
+            !l.login_grace.is_zero(),
+            "limits.login_grace must be above zero"
         );
         let ssh_port = self.ssh.listen.port();
         ensure!(

@@ -6,6 +6,7 @@
 //! - `keys`     keys folder: host key and admin token, permissions
 //! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam
 //! - `ports`    the hub port pool; a reservation is a bound listener
+//! - `limits`   per-source failed-login limiting
 //! - `grants`   per-job credentials: login and forward decisions (plain Rust)
 //! - `tunnels`  a listener per active grant, and the bridge to the job's channel
 //! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod grants;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod ports;
 pub mod routes;

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub forwarded_connections_active: IntGauge,
     /// Hub-side connections accepted.
     pub forwarded_connections: IntCounter,
+    /// Hub-side connections closed at accept, by reason (`no_job`, `over_capacity`).
+    pub forwarded_connections_refused: IntCounterVec,
     /// Bytes carried, by direction (`to_job`, `from_job`).
     pub forwarded_bytes: IntCounterVec,
     /// From TCP accept to successful login.
@@ -125,6 +127,11 @@ impl Metrics {
                 "tunnelbot_forwarded_connections_total",
                 "Hub-side connections accepted on tunnel ports.",
             )?,
+            forwarded_connections_refused: counter_vec(
+                "tunnelbot_forwarded_connections_refused_total",
+                "Hub-side connections closed at accept, by reason.",
+                &["reason"],
+            )?,
             forwarded_bytes: counter_vec(
                 "tunnelbot_forwarded_bytes_total",
                 "Bytes carried through tunnels, by direction.",
@@ -199,6 +206,9 @@ impl Metrics {
         ] {
             self.refused_requests.with_label_values(&[k]);
         }
+        for r in ["no_job", "over_capacity"] {
+            self.forwarded_connections_refused.with_label_values(&[r]);
+        }
         for d in ["to_job", "from_job"] {
             self.forwarded_bytes.with_label_values(&[d]);
         }
@@ -210,7 +220,13 @@ impl Metrics {
         for r in ["revoked", "expired", "replaced"] {
             self.tunnel_revocations.with_label_values(&[r]);
         }
-        for k in ["login_timeout", "handshake", "session"] {
+        for k in [
+            "login_timeout",
+            "handshake",
+            "session",
+            "over_capacity",
+            "rate_limited",
+        ] {
             self.ssh_connection_errors.with_label_values(&[k]);
         }
     }

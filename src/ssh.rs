@@ -10,7 +10,7 @@ use russh::keys::HashAlg;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -19,8 +19,6 @@ use crate::broker::Broker;
 use crate::grants::{ForwardRefusal, Grant, check_forward};
 use crate::tunnels::{KillSwitch, Link, Stats};
 
-/// How long a connection may take to log in before it is dropped.
-const LOGIN_GRACE: Duration = Duration::from_secs(30);
 /// How long a session gets to leave after "broker shutting down".
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -55,6 +53,9 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let config = Arc::new(server_config(&broker));
+    let limits = broker.config().limits.clone();
+    let startups = Arc::new(Semaphore::new(limits.max_startups));
+    let metrics = broker.metrics().clone();
     loop {
         let (sock, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -67,10 +68,29 @@ pub async fn serve(
                 }
             },
         };
+        // Refused before any protocol work: a full house, or a source that keeps failing logins.
+        if tracker.len() >= limits.max_sessions {
+            metrics
+                .ssh_connection_errors
+                .with_label_values(&["over_capacity"])
+                .inc();
+            debug!(%peer, "session cap reached; closing");
+            continue;
+        }
+        if broker.source_blocked(peer.ip()) {
+            metrics
+                .ssh_connection_errors
+                .with_label_values(&["rate_limited"])
+                .inc();
+            debug!(%peer, "too many failed logins from this source; closing");
+            continue;
+        }
         let conn = Connection {
             broker: broker.clone(),
             config: Arc::clone(&config),
             shutdown: shutdown.clone(),
+            startups: Arc::clone(&startups),
+            login_grace: limits.login_grace,
         };
         let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("session", id, %peer);
@@ -83,6 +103,8 @@ struct Connection {
     broker: Broker,
     config: Arc<russh::server::Config>,
     shutdown: CancellationToken,
+    startups: Arc<Semaphore>,
+    login_grace: Duration,
 }
 
 impl Connection {
@@ -109,10 +131,20 @@ impl Connection {
             grant: None,
             link: None,
         };
-        let login_deadline = tokio::time::sleep(LOGIN_GRACE);
+        let login_deadline = tokio::time::sleep(self.login_grace);
         tokio::pin!(login_deadline);
         let mut logged_in = false;
         let mut shutting_down = false;
+        // Waiting for a handshake slot counts against the login deadline too.
+        let mut startup = tokio::select! {
+            p = Arc::clone(&self.startups).acquire_owned() => p.ok(),
+            () = &mut login_deadline => {
+                debug!("no handshake slot within the login grace time");
+                metrics.ssh_connection_errors.with_label_values(&["login_timeout"]).inc();
+                metrics.ssh_sessions_active.dec();
+                return;
+            }
+        };
         // The version exchange happens inside run_stream, so the login deadline covers it too.
         let running = tokio::select! {
             r = russh::server::run_stream(Arc::clone(&self.config), sock, handler) => r,
@@ -143,6 +175,7 @@ impl Connection {
                 r = &mut authed_rx, if !logged_in => {
                     // Err: the handler is gone, so the session is ending anyway.
                     logged_in = true;
+                    startup = None;
                     let _ = r;
                 }
                 () = &mut login_deadline, if !logged_in => {
@@ -164,6 +197,7 @@ impl Connection {
                 }
             }
         };
+        drop(startup);
         kill.disarm();
         metrics.ssh_sessions_active.dec();
         match result {
@@ -278,6 +312,7 @@ impl russh::server::Handler for Handler {
             }
             Err(refusal) => {
                 warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, %fingerprint, reason = refusal.as_str(), "login refused: {refusal}");
+                self.broker.auth_failed(self.peer.ip());
                 metrics
                     .auth_attempts
                     .with_label_values(&["refused", refusal.as_str()])
@@ -289,6 +324,7 @@ impl russh::server::Handler for Handler {
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, reason = "password", "password login refused");
+        self.broker.auth_failed(self.peer.ip());
         self.broker
             .metrics()
             .auth_attempts

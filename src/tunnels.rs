@@ -129,22 +129,31 @@ struct Tunnel {
     cancel: CancellationToken,
 }
 
+/// How tunnels carry connections.
+#[derive(Debug, Clone, Copy)]
+pub struct CarryLimits {
+    /// Bound on a write to a hub client that stopped reading.
+    pub write_timeout: Duration,
+    /// Hub-side connections one tunnel carries at once.
+    pub max_connections: u64,
+}
+
 /// The live tunnels, one per active grant.
 pub struct Tunnels {
     map: DashMap<String, Tunnel>,
     ports: Arc<PortPool>,
     metrics: Metrics,
-    write_timeout: Duration,
+    limits: CarryLimits,
 }
 
 impl Tunnels {
     /// An empty set.
-    pub fn new(ports: Arc<PortPool>, metrics: Metrics, write_timeout: Duration) -> Self {
+    pub fn new(ports: Arc<PortPool>, metrics: Metrics, limits: CarryLimits) -> Self {
         Self {
             map: DashMap::new(),
             ports,
             metrics,
-            write_timeout,
+            limits,
         }
     }
 
@@ -167,7 +176,7 @@ impl Tunnels {
             cancel: tunnel.cancel.clone(),
             ports: Arc::clone(&self.ports),
             metrics: self.metrics.clone(),
-            write_timeout: self.write_timeout,
+            limits: self.limits,
         };
         let span =
             info_span!("tunnel", id = %grant.id(), user = %grant.user(), port = grant.port());
@@ -261,7 +270,7 @@ struct AcceptLoop {
     cancel: CancellationToken,
     ports: Arc<PortPool>,
     metrics: Metrics,
-    write_timeout: Duration,
+    limits: CarryLimits,
 }
 
 impl AcceptLoop {
@@ -317,18 +326,31 @@ impl AcceptLoop {
                     continue;
                 }
             };
+            let refused = &self.metrics.forwarded_connections_refused;
             let Some(link) = self.link.borrow().clone() else {
                 debug!(%from, "no job connected; closing");
+                refused.with_label_values(&["no_job"]).inc();
                 continue;
             };
+            if self.stats.connections_active.load(Ordering::Relaxed) >= self.limits.max_connections
+            {
+                warn!(%from, "tunnel carries its maximum of connections; closing");
+                refused.with_label_values(&["over_capacity"]).inc();
+                continue;
+            }
             let _ = sock.set_nodelay(true);
             self.metrics.forwarded_connections.inc();
+            // Counted from accept, so connections still being opened count against the cap.
+            self.stats
+                .connections_active
+                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.forwarded_connections_active.inc();
             let bridge = Bridge {
                 link,
                 port: self.port,
                 stats: Arc::clone(&self.stats),
                 metrics: self.metrics.clone(),
-                write_timeout: self.write_timeout,
+                write_timeout: self.limits.write_timeout,
             };
             tokio::spawn(bridge.run(sock, from).instrument(tracing::Span::current()));
         }
@@ -365,10 +387,6 @@ impl Bridge {
                 return;
             }
         };
-        self.stats
-            .connections_active
-            .fetch_add(1, Ordering::Relaxed);
-        self.metrics.forwarded_connections_active.inc();
 
         let (mut rd, wr) = channel.split();
         let (mut sr, mut sw) = sock.into_split();
@@ -431,6 +449,12 @@ impl Bridge {
             () = &mut down => {}
         }
         let _ = wr.close().await;
+    }
+}
+
+impl Drop for Bridge {
+    /// Every way out of `run` (refused open, either side closing) ends the count here.
+    fn drop(&mut self) {
         self.stats
             .connections_active
             .fetch_sub(1, Ordering::Relaxed);

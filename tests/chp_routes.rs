@@ -143,7 +143,9 @@ async fn chp_restart_gets_routes_back_and_foreign_routes_are_left_alone() -> any
 
     chp.kill().await?;
     assert!(chp.spawn().await?, "CHP restart");
-    assert_eq!(chp.routes().await?, json!({}));
+    // CHP restarted empty: the foreign route, which nobody restores, is gone. (The table is not
+    // asserted empty: the broker may already have put carol's route back.)
+    assert!(chp.routes().await?.get("/foreign").is_none());
     chp.wait_route("/user/carol", "restored", |r| {
         r.is_some_and(|r| r["target"] == want.as_str())
     })
