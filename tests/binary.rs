@@ -4,10 +4,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use common::{Issued, Ssh, echo, roundtrip};
 use serde_json::Value;
 
@@ -52,58 +51,6 @@ fn check_accepts_the_example_and_refuses_bad_configs_with_64() -> anyhow::Result
     Ok(())
 }
 
-/// The broker as a child process, with its addresses from the ready file.
-struct Child {
-    proc: std::process::Child,
-    ssh: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.proc.kill();
-        let _ = self.proc.wait();
-    }
-}
-
-fn start(dir: &Path, config: &Path) -> anyhow::Result<Child> {
-    let ready = dir.join("ready.json");
-    let _ = std::fs::remove_file(&ready);
-    let log = std::fs::File::create(dir.join(format!(
-            "broker-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos()
-        )))?;
-    let proc = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let mut child = Child {
-        proc,
-        ssh: "0.0.0.0:0".parse()?,
-        admin: "0.0.0.0:0".parse()?,
-    };
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while !ready.exists() {
-        if let Some(status) = child.proc.try_wait()? {
-            bail!("broker exited early: {status}");
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("broker not ready in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
-    child.ssh = v["ssh"].as_str().context("ssh")?.parse()?;
-    child.admin = v["admin"].as_str().context("admin")?.parse()?;
-    Ok(child)
-}
-
 fn cli(config: &Path, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     let out = Command::new(BIN)
         .arg("--config")
@@ -124,7 +71,7 @@ async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()
     let text = common::base_config(dir.path(), ip, "") + "[chp]\nenabled = false\n";
     let config = dir.path().join("tb.toml");
     std::fs::write(&config, text)?;
-    let broker = start(dir.path(), &config)?;
+    let broker = common::BrokerProcess::start(dir.path(), &config).await?;
     let url = format!("http://{}", broker.admin);
 
     let (code, out, err) = cli(
@@ -185,10 +132,9 @@ async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()
 
     // SIGKILL: no chance to save anything at exit.
     let (ssh_before, mut broker) = (broker.ssh, broker);
-    broker.proc.kill()?;
-    broker.proc.wait()?;
+    broker.kill().await?;
     drop(job);
-    let restarted = start(dir.path(), &config)?;
+    let restarted = common::BrokerProcess::start(dir.path(), &config).await?;
     // A child cannot be handed its listener, so the SSH port moved; the host key must not have.
     assert_ne!(ssh_before.port(), 0);
     let out = cli(

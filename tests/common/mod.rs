@@ -729,3 +729,117 @@ pub async fn http_backend(tag: &'static str) -> anyhow::Result<Echo> {
     });
     Ok(Echo { port, task })
 }
+
+impl Echo {
+    /// Wraps a backend task listening on `port`.
+    pub fn new(port: u16, task: JoinHandle<()>) -> Self {
+        Self { port, task }
+    }
+}
+
+/// The real `tunnelbot` binary as a child process, with its addresses from the ready file.
+pub struct BrokerProcess {
+    pub child: Child,
+    pub ssh: SocketAddr,
+    pub admin: SocketAddr,
+    pub token: String,
+    dir: PathBuf,
+    http: reqwest::Client,
+}
+
+impl BrokerProcess {
+    /// Starts `tunnelbot serve --config <config>` and waits (bounded) for its ready file.
+    pub async fn start(dir: &Path, config: &Path) -> anyhow::Result<Self> {
+        let ready = dir.join("ready.json");
+        let _ = std::fs::remove_file(&ready);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let log_path = dir.join(format!("broker-{n}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tunnelbot"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()?;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !ready.exists() {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("broker exited early: {status}\n{log}");
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("broker not ready in time");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
+        let token = std::fs::read_to_string(dir.join("keys/admin.token"))?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            child,
+            ssh: v["ssh"].as_str().context("ssh")?.parse()?,
+            admin: v["admin"].as_str().context("admin")?.parse()?,
+            token,
+            dir: dir.to_owned(),
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// SIGKILL (nothing gets saved at exit), and wait until the process is gone.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        tokio::time::timeout(WAIT, self.child.wait()).await??;
+        Ok(())
+    }
+
+    pub async fn issue(&self, user: &str) -> anyhow::Result<Issued> {
+        let v: Value = self
+            .http
+            .post(format!("http://{}/api/v1/tunnels", self.admin))
+            .bearer_auth(&self.token)
+            .json(&json!({"user": user}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Issued::write(v, &self.dir)
+    }
+
+    pub async fn list(&self) -> anyhow::Result<Vec<Value>> {
+        let v: Value = self
+            .http
+            .get(format!("http://{}/api/v1/tunnels", self.admin))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(v["tunnels"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits (bounded) until `n` tunnels are connected.
+    pub async fn wait_connected(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let connected = self
+                .list()
+                .await?
+                .iter()
+                .filter(|t| t["connected"] == true)
+                .count();
+            if connected >= n {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("only {connected} of {n} tunnels connected");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
