@@ -230,3 +230,27 @@ async fn shutdown_tells_jobs_and_finishes() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn every_offered_cipher_carries_a_tunnel() -> anyhow::Result<()> {
+    let broker = TestBroker::start("").await?;
+    let notebook = echo("c:").await?;
+    for cipher in [
+        "aes128-gcm@openssh.com",
+        "aes256-gcm@openssh.com",
+        "chacha20-poly1305@openssh.com",
+        "aes128-ctr",
+    ] {
+        let issued = broker.issue("ciph", cipher, 600).await?;
+        let job = Ssh::reverse(
+            &broker,
+            &issued,
+            &format!("0:127.0.0.1:{}", notebook.port),
+            &["-c", cipher],
+        )?;
+        assert_eq!(job.allocated_port().await?, issued.port, "{cipher}");
+        let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
+        assert_eq!(roundtrip(hub_side, b"q", 3).await?, b"c:q", "{cipher}");
+    }
+    Ok(())
+}
