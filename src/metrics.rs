@@ -18,6 +18,8 @@ pub struct Metrics {
     pub tunnels_connected: IntGauge,
     /// SSH connections past the version exchange.
     pub ssh_sessions_active: IntGauge,
+    /// Connections waiting for a handshake slot (`limits.max_startups`).
+    pub ssh_startups_waiting: IntGauge,
     /// Login decisions, by result and reason.
     pub auth_attempts: IntCounterVec,
     /// `tcpip-forward` decisions, by result and reason.
@@ -104,6 +106,10 @@ impl Metrics {
                 "Tunnels whose forward is held by a live job session.",
             )?,
             ssh_sessions_active: gauge("tunnelbot_ssh_sessions_active", "Open SSH connections.")?,
+            ssh_startups_waiting: gauge(
+                "tunnelbot_ssh_startups_waiting",
+                "Connections waiting for a handshake slot.",
+            )?,
             auth_attempts: counter_vec(
                 "tunnelbot_auth_attempts_total",
                 "SSH public-key logins, by result and reason.",

@@ -148,14 +148,20 @@ impl Connection {
         let mut logged_in = false;
         let mut shutting_down = false;
         // Waiting for a handshake slot counts against the login deadline too.
-        let mut startup = tokio::select! {
-            p = Arc::clone(&self.startups).acquire_owned() => p.ok(),
-            () = &mut login_deadline => {
-                debug!("no handshake slot within the login grace time");
-                metrics.ssh_connection_errors.with_label_values(&["login_timeout"]).inc();
-                metrics.ssh_sessions_active.dec();
-                return;
-            }
+        metrics.ssh_startups_waiting.inc();
+        let slot = tokio::select! {
+            p = Arc::clone(&self.startups).acquire_owned() => Some(p.ok()),
+            () = &mut login_deadline => None,
+        };
+        metrics.ssh_startups_waiting.dec();
+        let Some(mut startup) = slot else {
+            debug!("no handshake slot within the login grace time");
+            metrics
+                .ssh_connection_errors
+                .with_label_values(&["login_timeout"])
+                .inc();
+            metrics.ssh_sessions_active.dec();
+            return;
         };
         // The version exchange happens inside run_stream, so the login deadline covers it too.
         let running = tokio::select! {

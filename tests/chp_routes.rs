@@ -64,7 +64,7 @@ async fn revoke_and_expiry_remove_the_route() -> anyhow::Result<()> {
     let broker = TestBroker::with_chp(&chp, "/").await?;
     let notebook = http_backend("nb").await?;
     let revoked = broker.issue("rita", "", 600).await?;
-    let expiring = broker.issue("ezra", "", 2).await?;
+    let expiring = broker.issue("ezra", "", 5).await?;
     let _a = Ssh::job(&broker, &revoked, notebook.port)?;
     let _b = Ssh::job(&broker, &expiring, notebook.port)?;
     chp.wait_route("/user/rita", "registered", |r| r.is_some())

@@ -98,17 +98,27 @@ async fn garbage_and_a_huge_packet_length_drop_only_that_connection() -> anyhow:
 
 #[tokio::test]
 async fn handshakes_beyond_max_startups_wait_their_turn() -> anyhow::Result<()> {
-    let broker = broker_with_limits("max_startups = 1\nlogin_grace = \"2s\"").await?;
-    // A silent client takes the only handshake slot until the grace time drops it...
+    let broker = broker_with_limits("max_startups = 1").await?;
+    // A silent client holds the only handshake slot (the server speaks once it has one)...
     let mut silent = TcpStream::connect(broker.ssh).await?;
     let mut first = [0u8; 8];
     silent.read_exact(&mut first).await?;
-    // ...so this job waits, then logs in and forwards instead of failing.
+    // ...so this job queues instead of failing...
     let issued = broker.issue("patient", "", 600).await?;
     let notebook = echo("").await?;
     let job = Ssh::job(&broker, &issued, notebook.port)?;
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while broker.metric("tunnelbot_ssh_startups_waiting").await? < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never queued"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // ...and logs in and forwards once the slot frees.
+    drop(silent);
     assert_eq!(job.allocated_port().await?, issued.port);
-    read_until_closed(&mut silent).await?;
+    assert_eq!(broker.metric("tunnelbot_ssh_startups_waiting").await?, 0.0);
     Ok(())
 }
 

@@ -161,7 +161,7 @@ async fn revoke_disconnects_within_a_second_and_frees_the_port() -> anyhow::Resu
 #[tokio::test]
 async fn expiry_disconnects_the_session_and_frees_the_port() -> anyhow::Result<()> {
     let broker = TestBroker::start("").await?;
-    let issued = broker.issue("frank", "", 2).await?;
+    let issued = broker.issue("frank", "", 5).await?;
     let notebook = echo("").await?;
     let mut job = Ssh::job(&broker, &issued, notebook.port)?;
     job.allocated_port().await?;

@@ -1,0 +1,189 @@
+"""tunnelbot-job with the real ssh client against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import stat
+import subprocess
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import WRAPPER, Broker, http_get, pid_alive, python_http_server, ssh_children, stop_process, wait_for
+from tunnelbot_jupyterhub import BrokerClient, Tunnel
+
+
+def client(broker: Broker) -> BrokerClient:
+    return BrokerClient.from_token_file(broker.admin_url, str(broker.token_file))
+
+
+def issue(broker: Broker) -> Tunnel:
+    return asyncio.run(client(broker).issue("alice", "", ttl_seconds=600))
+
+
+def current(broker: Broker, tunnel: Tunnel) -> Tunnel:
+    t = asyncio.run(client(broker).get(tunnel.id))
+    assert t is not None
+    return t
+
+
+class Job:
+    """The wrapper around a stand-in notebook (python's http.server), as a batch job runs it."""
+
+    def __init__(self, broker: Broker, tunnel: Tunnel, tmp: Path, **env: str) -> None:
+        self.site = tmp / "site"
+        self.site.mkdir(parents=True)
+        self.secret = secrets.token_hex(8)
+        (self.site / "hello.txt").write_text(self.secret)
+        self.tmpdir = tmp / "jobtmp"
+        self.tmpdir.mkdir()
+        self.stderr = tmp / "job.err"
+        assert tunnel.private_key
+        full_env = {
+            "PATH": os.environ["PATH"],
+            "TMPDIR": str(self.tmpdir),
+            "TUNNELBOT_KEY": tunnel.private_key,
+            "TUNNELBOT_KNOWN_HOSTS": tunnel.known_hosts,  # as the broker gives it: "[*]:port key"
+            "TUNNELBOT_HOST": "127.0.0.1",
+            "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
+            "TUNNELBOT_SSH_USER": tunnel.ssh_user,
+            "TUNNELBOT_PORT": str(tunnel.port),
+            **env,
+        }
+        with open(self.stderr, "wb") as err:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", str(WRAPPER), *python_http_server(self.site)],
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+    def key_files(self) -> List[Path]:
+        return list(self.tmpdir.glob("tunnelbot.*/key"))
+
+    def children(self) -> List[int]:
+        from conftest import descendants
+
+        return list(descendants(self.proc.pid))
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the wrapper did not exit within {timeout} s:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def get_through_tunnel(port: int, job: Job, timeout: float = 20) -> bytes:
+    """GET hello.txt via the hub port; retried because the notebook may still be starting."""
+
+    def attempt() -> Optional[bytes]:
+        try:
+            response = http_get(port, "/hello.txt")
+        except OSError:
+            return None
+        return response if response.startswith(b"HTTP/1.0 200") else None
+
+    return wait_for(attempt, timeout, f"a 200 through hub port {port}", interval=0.1, detail=job.log)
+
+
+@pytest.fixture
+def job_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    jobs: List[Job] = []
+
+    def make(broker: Broker, tunnel: Tunnel, **env: str) -> Job:
+        job = Job(broker, tunnel, tmp_path / f"job{len(jobs)}", **env)
+        jobs.append(job)
+        return job
+
+    yield make
+    for job in jobs:
+        job.stop()
+
+
+def test_tunnel_carries_bytes_survives_ssh_death_and_cleans_up(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    tunnel = issue(broker)
+    job = job_factory(broker, tunnel)
+
+    wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+    allocated = f"Allocated port {tunnel.port} "
+    wait_for(lambda: allocated in job.log(), 10, f"ssh to print {allocated!r}", detail=job.log)
+
+    keys = job.key_files()
+    assert len(keys) == 1
+    assert stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE(keys[0].parent.stat().st_mode) == 0o700
+
+    assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+    seen = current(broker, tunnel)
+    assert seen.bytes_to_job > 0 and seen.bytes_from_job > len(job.secret)
+
+    # Kill the job's ssh: the wrapper reconnects and the same hub port works again.
+    (old_ssh,) = ssh_children(job.proc.pid)
+    os.kill(old_ssh, signal.SIGKILL)
+    wait_for(lambda: job.log().count(allocated) == 2, 30, f"a second {allocated!r}", interval=0.1, detail=job.log)
+    (new_ssh,) = ssh_children(job.proc.pid)
+    assert new_ssh != old_ssh
+    assert "reconnecting" in job.log()
+    wait_for(lambda: current(broker, tunnel).connected, 10, "the tunnel to be up again")
+    assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+
+    # TERM stops ssh and the notebook and removes the key.
+    children = job.children()
+    assert new_ssh in children and len(children) >= 2
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit(20) == 143
+    wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the wrapper's children to exit")
+    assert job.key_files() == [] and list(job.tmpdir.iterdir()) == []
+    wait_for(lambda: not current(broker, tunnel).connected, 10, "the broker to see the session end")
+    assert current(broker, tunnel).state == "active"
+
+
+def test_revoked_tunnel_makes_the_wrapper_give_up(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    tunnel = issue(broker)
+    job = job_factory(broker, tunnel, TUNNELBOT_MAX_ATTEMPTS="2", TUNNELBOT_MAX_BACKOFF="1")
+    wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+    children = job.children()
+    assert asyncio.run(client(broker).revoke(tunnel.id))
+    assert job.wait_exit(30) == 69
+    assert "giving up" in job.log()
+    wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the notebook and ssh to exit")
+    assert list(job.tmpdir.iterdir()) == []
+
+
+def test_unexpected_host_key_is_refused(broker: Broker, job_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True, timeout=30)
+    wrong = f"[*]:{broker.ssh_port} " + " ".join(other.with_suffix(".pub").read_text().split()[:2])
+    tunnel = issue(broker)
+    job = job_factory(broker, tunnel, TUNNELBOT_KNOWN_HOSTS=wrong, TUNNELBOT_MAX_ATTEMPTS="1")
+    assert job.wait_exit(30) == 69
+    assert "Host key verification failed" in job.log() or "HOST IDENTIFICATION HAS CHANGED" in job.log()
+    assert not current(broker, tunnel).connected
+    assert current(broker, tunnel).bytes_to_job == 0
+    assert list(job.tmpdir.iterdir()) == []
+
+
+def test_key_file_input(broker: Broker, job_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    tunnel = issue(broker)
+    assert tunnel.private_key
+    key = tmp_path / "job.key"
+    key.write_text(tunnel.private_key)
+    key.chmod(0o600)
+    env: Dict[str, str] = {"TUNNELBOT_KEY": "", "TUNNELBOT_KEY_FILE": str(key)}
+    job = job_factory(broker, tunnel, **env)
+    wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+    assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit(20) == 143
+    assert key.exists(), "the wrapper deletes only its own copy"

@@ -1,0 +1,31 @@
+"""JupyterHub integration for the tunnelbot SSH reverse-tunnel broker.
+
+``TunnelbotSlurmSpawner`` needs batchspawner and is imported only when first used, so
+this package imports without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .broker import BrokerClient, BrokerError, Tunnel
+from .spawner import TunnelbotLocalProcessSpawner, TunnelbotSpawnerMixin
+from .wrapper import job_wrapper_path
+
+__all__ = [
+    "BrokerClient",
+    "BrokerError",
+    "Tunnel",
+    "TunnelbotLocalProcessSpawner",
+    "TunnelbotSlurmSpawner",
+    "TunnelbotSpawnerMixin",
+    "job_wrapper_path",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TunnelbotSlurmSpawner":
+        from .slurm import TunnelbotSlurmSpawner
+
+        return TunnelbotSlurmSpawner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,358 @@
+"""A spawner mixin that reaches single-user servers through tunnelbot reverse tunnels.
+
+The job runs ``tunnelbot-job <notebook command>``; the wrapper opens
+``ssh -R 0:127.0.0.1:<node port>`` to the broker, which listens on the hub port P it
+reserved for this spawn. ``start()`` returns ``("127.0.0.1", P)``: JupyterHub (and CHP)
+only ever see the hub side of the tunnel, never the node's address or port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from jupyterhub.spawner import LocalProcessSpawner, Spawner
+from traitlets import Float, Integer, List as ListTrait, TraitError, Unicode, default, validate
+
+from .broker import BrokerClient, BrokerError, Tunnel
+from .wrapper import job_wrapper_path
+
+__all__ = ["TunnelbotLocalProcessSpawner", "TunnelbotSpawnerMixin", "pin_known_hosts"]
+
+# Options that would weaken host-key pinning; the wrapper refuses them too.
+_HOST_KEY_OPTIONS = {
+    "stricthostkeychecking",
+    "userknownhostsfile",
+    "globalknownhostsfile",
+    "knownhostscommand",
+    "hostkeyalias",
+}
+
+# tunnelbot-job's own exit statuses (see the script's header).
+_WRAPPER_EXITS = {
+    64: "tunnelbot-job refused its inputs (see the job's log)",
+    69: "tunnelbot-job could not bring the tunnel up (see the job's log for ssh's error)",
+    126: "the job command is not executable",
+    127: "the job command was not found (is tunnelbot-job on the job's PATH?)",
+}
+
+
+def pin_known_hosts(lines: str, host: str, port: int) -> str:
+    """The broker's known_hosts line(s), re-keyed to the host and port the job dials.
+
+    The broker names itself by ``ssh.public_host`` (or ``[*]``); ssh looks the key up
+    under the name it was told to connect to, so the pattern must be that name.
+    """
+    pattern = host if port == 22 else f"[{host}]:{port}"
+    pinned = []
+    for line in lines.splitlines():
+        fields = line.split(None, 1)
+        if len(fields) == 2 and not line.startswith("#"):
+            pinned.append(f"{pattern} {fields[1].strip()}")
+    if not pinned:
+        raise BrokerError(0, "the broker sent no usable known_hosts line")
+    return "\n".join(pinned)
+
+
+def describe_exit(status: int) -> str:
+    """A human reason for a job's exit status."""
+    reason = _WRAPPER_EXITS.get(status)
+    if reason is None and status > 128:
+        reason = f"killed by signal {status - 128}"
+    return f"status {status}" + (f": {reason}" if reason else "")
+
+
+class TunnelbotSpawnerMixin(Spawner):
+    """Mix in before any spawner whose jobs the hub cannot reach directly.
+
+    ``class MySpawner(TunnelbotSpawnerMixin, SomeSpawner)``. The base spawner's
+    ``start()`` must run ``self.cmd`` (plus args) as the job, as JupyterHub's own and
+    batchspawner's spawners do; the mixin prefixes it with :attr:`job_wrapper`.
+    """
+
+    broker_url = Unicode(
+        "http://127.0.0.1:8090",
+        help="The tunnelbot broker's admin API (its [admin] listen address).",
+    ).tag(config=True)
+
+    broker_token_file = Unicode(
+        help="""File holding the broker's admin token (the broker's <keys_dir>/admin.token).
+
+        Defaults to $TUNNELBOT_ADMIN_TOKEN_FILE. Read at each use, so the token can be
+        rotated without restarting the hub.""",
+    ).tag(config=True)
+
+    @default("broker_token_file")
+    def _default_broker_token_file(self) -> str:
+        return os.environ.get("TUNNELBOT_ADMIN_TOKEN_FILE", "")
+
+    broker_timeout = Float(
+        10.0,
+        help="Seconds one admin-API call may take.",
+    ).tag(config=True)
+
+    ssh_host = Unicode(
+        "",
+        help="""The broker's SSH host as the compute nodes see it.
+
+        Empty: use the ssh_host the broker reports (its ssh.public_host); one of the two
+        is required.""",
+    ).tag(config=True)
+
+    ssh_options = ListTrait(
+        Unicode(),
+        help="""Extra ssh options for the job's tunnel, each passed as `-o OPTION`,
+        e.g. ["ProxyJump=login1", "ConnectTimeout=10"]. Host-key options are refused:
+        the broker's key is always pinned. The job's ssh ignores ssh_config files.""",
+    ).tag(config=True)
+
+    @validate("ssh_options")
+    def _validate_ssh_options(self, proposal: Dict[str, Any]) -> List[str]:
+        options: List[str] = list(proposal["value"])
+        for option in options:
+            if not option or any(c.isspace() for c in option):
+                raise TraitError(f"ssh option {option!r} must be one word like Name=value")
+            if option.split("=", 1)[0].lower() in _HOST_KEY_OPTIONS:
+                raise TraitError(f"ssh option {option!r} would weaken host-key pinning")
+        return options
+
+    default_lifetime = Integer(
+        0,
+        help="""Tunnel lifetime in seconds when the job's wall time is unknown.
+        0: the broker's tunnels.default_ttl.""",
+    ).tag(config=True)
+
+    lifetime_margin = Integer(
+        900,
+        help="""Seconds added to a known wall time: the tunnel's lifetime starts when it
+        is issued, before the job waits in the queue.""",
+    ).tag(config=True)
+
+    connect_timeout = Float(
+        help="""Seconds start() waits for the job's tunnel once the job is submitted.
+        Default: start_timeout minus 5, so the user sees this reason rather than a bare
+        timeout.""",
+    ).tag(config=True)
+
+    @default("connect_timeout")
+    def _default_connect_timeout(self) -> float:
+        return max(1.0, float(self.start_timeout) - 5.0)
+
+    connect_poll_interval = Float(
+        0.5,
+        help="Seconds between checks of the tunnel while start() waits for it.",
+    ).tag(config=True)
+
+    job_wrapper = ListTrait(
+        Unicode(),
+        default_value=["tunnelbot-job"],
+        help="""The job wrapper and its leading arguments, put before Spawner.cmd. The
+        default expects `tunnelbot-job` on the job's PATH (pip installs it); give an
+        absolute path on a shared filesystem otherwise.""",
+    ).tag(config=True)
+
+    # Persisted through get_state/load_state so a restarted hub polls the same tunnel.
+    tunnel_id = Unicode("")
+    tunnel_port = Integer(0)
+
+    # Traits of the base spawner that the mixin assigns to (annotations only, for mypy).
+    cmd: List[str]
+    port: int
+
+    _tunnelbot_starting: bool = False
+    _tunnelbot_env: Dict[str, str] = {}
+
+    def broker(self) -> BrokerClient:
+        return BrokerClient.from_token_file(self.broker_url, self.broker_token_file, self.broker_timeout)
+
+    def walltime_seconds(self) -> Optional[int]:
+        """The job's wall time, if the launcher knows it; batch spawners override this."""
+        return None
+
+    def tunnel_lifetime(self) -> Optional[int]:
+        walltime = self.walltime_seconds()
+        if walltime:
+            return walltime + self.lifetime_margin
+        return self.default_lifetime or None
+
+    def get_env(self) -> Dict[str, str]:
+        env: Dict[str, str] = super().get_env()
+        env.update(self._tunnelbot_env)
+        return env
+
+    def job_env(self, tunnel: Tunnel) -> Dict[str, str]:
+        """What tunnelbot-job needs, as environment variables for the job."""
+        host = self.ssh_host or tunnel.ssh_host
+        if not host:
+            raise RuntimeError(
+                "tunnelbot: the broker has no ssh.public_host; set c.TunnelbotSpawnerMixin.ssh_host "
+                "to the broker's address as the compute nodes see it"
+            )
+        if not tunnel.private_key:
+            raise BrokerError(0, "the issue answer carries no private key")
+        env = {
+            "TUNNELBOT_KEY": tunnel.private_key,
+            "TUNNELBOT_KNOWN_HOSTS": pin_known_hosts(tunnel.known_hosts, host, tunnel.ssh_port),
+            "TUNNELBOT_HOST": host,
+            "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
+            "TUNNELBOT_SSH_USER": tunnel.ssh_user,
+            "TUNNELBOT_PORT": str(tunnel.port),
+        }
+        if self.ssh_options:
+            env["TUNNELBOT_SSH_OPTIONS"] = " ".join(self.ssh_options)
+        return env
+
+    @contextmanager
+    def _wrapped_cmd(self) -> Iterator[None]:
+        original = list(self.cmd)
+        self.cmd = list(self.job_wrapper) + original
+        try:
+            yield
+        finally:
+            self.cmd = original
+
+    async def start(self) -> Tuple[str, int]:
+        if self.tunnel_id:  # left over from a spawn nobody cleaned up
+            await self._release(self.tunnel_id)
+        broker = self.broker()
+        tunnel = await broker.issue(self.user.name, self.name, self.tunnel_lifetime())
+        self.tunnel_id, self.tunnel_port = tunnel.id, tunnel.port
+        self.log.info("tunnelbot: tunnel %s on hub port %d for %s", tunnel.id, tunnel.port, self._log_name)
+        self._tunnelbot_starting = True
+        launch: Optional[asyncio.Future[Any]] = None
+        try:
+            self._tunnelbot_env = self.job_env(tunnel)
+            with self._wrapped_cmd():
+                launch = asyncio.ensure_future(super().start())
+                await self._wait_connected(broker, tunnel, launch)
+        except BaseException:
+            # Clear the flag first: the base stop() polls, and must see the job as it is.
+            self._tunnelbot_starting = False
+            await self._abort(tunnel.id, launch)
+            raise
+        finally:
+            self._tunnelbot_starting = False
+            self._tunnelbot_env = {}  # the key is only needed while the job is launched
+        return ("127.0.0.1", tunnel.port)
+
+    async def _job_exit_status_while_starting(self) -> Optional[int]:
+        """The job's exit status while the base start() still runs; None if unknown or alive."""
+        return None
+
+    async def _wait_connected(self, broker: BrokerClient, tunnel: Tunnel, launch: "asyncio.Future[Any]") -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        while True:
+            if launch.done():
+                launch.result()  # the launcher's own error, if any
+                status = await super().poll()
+            else:
+                status = await self._job_exit_status_while_starting()
+            if status is not None:
+                raise RuntimeError(f"the job ended before its tunnel came up ({describe_exit(status)})")
+            current = await broker.get(tunnel.id)
+            if current is None or not current.active:
+                state = "unknown to the broker" if current is None else current.state
+                raise RuntimeError(f"tunnelbot tunnel {tunnel.id} is {state}")
+            if current.connected:
+                break
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"the job's tunnel did not connect within {self.connect_timeout:g} s "
+                    "(is the broker's ssh_host reachable from the compute nodes?)"
+                )
+            await asyncio.wait([launch], timeout=min(self.connect_poll_interval, remaining))
+        if not launch.done():
+            # The hub talks to 127.0.0.1:P, so a launcher still waiting to learn the
+            # node's port (batchspawner) is told P and can return.
+            if not self.port:
+                self.port = tunnel.port
+            remaining = max(deadline - loop.time(), self.connect_poll_interval * 4)
+            await asyncio.wait_for(asyncio.shield(launch), timeout=remaining)
+        launch.result()
+
+    async def _abort(self, tunnel_id: str, launch: Optional["asyncio.Future[Any]"]) -> None:
+        """Undo a failed start: revoke the tunnel and stop whatever was launched."""
+        await self._release(tunnel_id)
+        if launch is None:
+            return
+        if not launch.done():
+            launch.cancel()
+            await asyncio.wait([launch], timeout=self.broker_timeout)
+        try:
+            await super().stop(now=True)
+        except Exception:
+            self.log.exception("tunnelbot: could not stop the job of %s after a failed start", self._log_name)
+
+    async def _release(self, tunnel_id: str) -> None:
+        """Revoke the tunnel (already gone is fine); the job's ssh is cut off with it."""
+        try:
+            await self.broker().revoke(tunnel_id)
+        except BrokerError as e:
+            # The grant still ends at its expiry; stopping the job must not hinge on the broker.
+            self.log.error("tunnelbot: could not revoke tunnel %s: %s", tunnel_id, e)
+        if self.tunnel_id == tunnel_id:
+            self.tunnel_id, self.tunnel_port = "", 0
+
+    async def poll(self) -> Optional[int]:
+        if self._tunnelbot_starting:
+            return None
+        tunnel_id = self.tunnel_id  # the base poll may clear_state()
+        status: Optional[int] = await super().poll()
+        if not tunnel_id:
+            return status
+        if status is not None:
+            await self._release(tunnel_id)
+            return status
+        try:
+            current = await self.broker().get(tunnel_id)
+        except BrokerError as e:
+            # A broker restart must not look like every server dying at once.
+            self.log.warning("tunnelbot: cannot check tunnel %s: %s", tunnel_id, e)
+            return None
+        if current is not None and current.active:
+            return None
+        state = "unknown to the broker" if current is None else current.state
+        self.log.warning("tunnelbot: tunnel %s of %s is %s; stopping its job", tunnel_id, self._log_name, state)
+        await self._release(tunnel_id)
+        try:
+            # The hub will not call stop() once poll() reports the server gone.
+            await super().stop(now=True)
+        except Exception:
+            self.log.exception("tunnelbot: could not stop the job of %s", self._log_name)
+        self.clear_state()
+        return 1
+
+    async def stop(self, now: bool = False) -> None:
+        if self.tunnel_id:
+            await self._release(self.tunnel_id)
+        await super().stop(now=now)
+
+    def get_state(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = super().get_state()
+        if self.tunnel_id:
+            state["tunnelbot_tunnel_id"] = self.tunnel_id
+            state["tunnelbot_port"] = self.tunnel_port
+        return state
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        super().load_state(state)
+        self.tunnel_id = state.get("tunnelbot_tunnel_id", "")
+        self.tunnel_port = int(state.get("tunnelbot_port", 0))
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.tunnel_id = ""
+        self.tunnel_port = 0
+
+
+class TunnelbotLocalProcessSpawner(TunnelbotSpawnerMixin, LocalProcessSpawner):
+    """LocalProcessSpawner through a tunnel: for single-machine setups and tests."""
+
+    @default("job_wrapper")
+    def _default_job_wrapper(self) -> List[str]:
+        # Same machine: run the packaged copy, whatever the user's PATH holds.
+        return ["/bin/sh", str(job_wrapper_path())]
