@@ -140,19 +140,7 @@ async fn a_job_supplied_public_key_is_used_and_no_private_key_returned() -> anyh
     assert!(v.get("private_key").is_none());
     let issued = common::Issued::write(v, broker.dir.path())?;
     let notebook = common::echo("own:").await?;
-    let mut args = vec![
-        "-N".to_string(),
-        "-o".into(),
-        "ExitOnForwardFailure=yes".into(),
-        "-R".into(),
-        format!("0:127.0.0.1:{}", notebook.port),
-    ];
-    args.extend(common::ssh_args(
-        broker.ssh,
-        &key,
-        &issued.known_hosts,
-        "tunnelbot",
-    ));
+    let args = common::job_args(broker.ssh, &key, &issued.known_hosts, notebook.port);
     let job = common::Ssh::spawn(&args)?;
     assert_eq!(job.allocated_port().await?, issued.port);
     // The same key cannot back a second tunnel.

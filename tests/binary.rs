@@ -126,8 +126,8 @@ async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()
     assert!(err.contains("404"), "{err}");
 
     let notebook = echo("nb:").await?;
-    let spec = format!("0:127.0.0.1:{}", notebook.port);
-    let job = ssh_job(broker.ssh, &issued, &spec)?;
+    let job_args = |ssh| common::job_args(ssh, &issued.key, &issued.known_hosts, notebook.port);
+    let job = Ssh::spawn(&job_args(broker.ssh))?;
     assert_eq!(job.allocated_port().await?, issued.port);
 
     // SIGKILL: no chance to save anything at exit.
@@ -155,7 +155,7 @@ async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()
         key_part(issued.json["known_hosts"].as_str().context("kh")?)
     );
     std::fs::write(&issued.known_hosts, format!("{line}\n"))?;
-    let job = ssh_job(restarted.ssh, &issued, &spec)?;
+    let job = Ssh::spawn(&job_args(restarted.ssh))?;
     assert_eq!(
         job.allocated_port().await?,
         issued.port,
@@ -174,21 +174,4 @@ async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()
         .context("bob kept")?;
     assert_eq!(bob["state"], "revoked");
     Ok(())
-}
-
-fn ssh_job(ssh: SocketAddr, issued: &Issued, spec: &str) -> anyhow::Result<Ssh> {
-    let mut args: Vec<String> = vec![
-        "-N".into(),
-        "-o".into(),
-        "ExitOnForwardFailure=yes".into(),
-        "-R".into(),
-        spec.into(),
-    ];
-    args.extend(common::ssh_args(
-        ssh,
-        &issued.key,
-        &issued.known_hosts,
-        "tunnelbot",
-    ));
-    Ssh::spawn(&args)
 }

@@ -235,19 +235,7 @@ async fn an_unwritable_store_fails_issuing_clearly_and_live_tunnels_keep_working
     };
     let issued = Issued::write(issue().await?.json().await?, dir.path())?;
     let notebook = echo("nb:").await?;
-    let mut args = vec![
-        "-N".to_string(),
-        "-o".into(),
-        "ExitOnForwardFailure=yes".into(),
-        "-R".into(),
-        format!("0:127.0.0.1:{}", notebook.port),
-    ];
-    args.extend(common::ssh_args(
-        ssh,
-        &issued.key,
-        &issued.known_hosts,
-        "tunnelbot",
-    ));
+    let args = common::job_args(ssh, &issued.key, &issued.known_hosts, notebook.port);
     let job = Ssh::spawn(&args)?;
     job.allocated_port().await?;
 
@@ -317,14 +305,7 @@ async fn sigkill_with_100_live_tunnels_then_restart_brings_every_tunnel_back() -
     let jobs: Vec<_> = issued
         .iter()
         .map(|t| {
-            let mut args = vec![
-                "-N".to_string(),
-                "-o".into(),
-                "ExitOnForwardFailure=yes".into(),
-                "-R".into(),
-                format!("0:127.0.0.1:{}", notebook.port),
-            ];
-            args.extend(common::ssh_args(ssh, &t.key, &t.known_hosts, "tunnelbot"));
+            let args = common::job_args(ssh, &t.key, &t.known_hosts, notebook.port);
             tokio::spawn(async move {
                 loop {
                     if let Ok(mut s) = Ssh::spawn(&args) {

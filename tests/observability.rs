@@ -204,14 +204,7 @@ async fn json_log_of_a_full_run() -> anyhow::Result<(Vec<Value>, String, Issued,
         .await?;
     let issued = Issued::write(v, dir.path())?;
     let notebook = echo("").await?;
-    let mut args = vec![
-        "-N".to_string(),
-        "-o".into(),
-        "ExitOnForwardFailure=yes".into(),
-        "-R".into(),
-        format!("0:127.0.0.1:{}", notebook.port),
-    ];
-    args.extend(ssh_args(ssh, &issued.key, &issued.known_hosts, "tunnelbot"));
+    let args = common::job_args(ssh, &issued.key, &issued.known_hosts, notebook.port);
     let mut job = Ssh::spawn(&args)?;
     job.allocated_port().await?;
     roundtrip(SocketAddr::new(ip, issued.port), b"hello", 5).await?;

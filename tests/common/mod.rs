@@ -316,6 +316,19 @@ pub fn ssh_args(ssh: SocketAddr, key: &Path, known_hosts: &Path, user: &str) -> 
     a
 }
 
+/// A job's full ssh arguments: `-N -R 0:127.0.0.1:<notebook_port>`, exit on forward failure.
+pub fn job_args(
+    ssh: SocketAddr,
+    key: &Path,
+    known_hosts: &Path,
+    notebook_port: u16,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec!["-N".into(), "-o".into(), "ExitOnForwardFailure=yes".into()];
+    args.extend(["-R".into(), format!("0:127.0.0.1:{notebook_port}")]);
+    args.extend(ssh_args(ssh, key, known_hosts, "tunnelbot"));
+    args
+}
+
 impl Ssh {
     /// Starts `ssh` with `args` (options go before the destination, which ssh_args ends with).
     pub fn spawn(args: &[String]) -> anyhow::Result<Self> {
