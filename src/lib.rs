@@ -8,11 +8,13 @@
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `limits`   per-source failed-login limiting
 //! - `grants`   per-job credentials: login and forward decisions (plain Rust)
-//! - `tunnels`  a listener per active grant, and the bridge to the job's channel
+//! - `tunnels`  a listener per active grant, linked to the job's session
+//! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
 //! - `chp`      configurable-http-proxy's REST API as a route backend
 //! - `broker`   issue / revoke / expire, keeping the above in step
-//! - `ssh`      the thin russh handler
+//! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
+//! - `handler`  the thin russh handler: logins, the one forward, refusals
 //! - `admin`    the loopback HTTP API
 //! - `metrics`  the Prometheus registry passed to every component
 //! - `cli`      the admin commands, as a client of the admin API
@@ -23,11 +25,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod admin;
+mod bridge;
 pub mod broker;
 pub mod chp;
 pub mod cli;
 pub mod config;
 pub mod grants;
+mod handler;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
