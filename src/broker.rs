@@ -147,7 +147,11 @@ impl Broker {
                 self.persist(record.clone()).await?;
             }
             if let Some(ended) = record.ended {
-                if ended.at + self.inner.config.tunnels.retention.as_secs() <= now {
+                if ended
+                    .at
+                    .saturating_add(self.inner.config.tunnels.retention.as_secs())
+                    <= now
+                {
                     self.unpersist(record.id.clone()).await?;
                 } else {
                     kept += 1;
@@ -255,8 +259,11 @@ impl Broker {
             .map_err(|e| IssueError::BadRequest(format!("public_key cannot be encoded: {e}")))?;
         let fingerprint = public.fingerprint(HashAlg::Sha256).to_string();
 
-        let (port, listener) = self.inner.ports.reserve().map_err(IssueError::NoPort)?;
         let now = unix_now();
+        let expires_at = now
+            .checked_add(ttl.as_secs())
+            .ok_or_else(|| IssueError::BadRequest("ttl_seconds is too large".into()))?;
+        let (port, listener) = self.inner.ports.reserve().map_err(IssueError::NoPort)?;
         let record = TunnelRecord {
             id: new_id(),
             user: req.user,
@@ -265,7 +272,7 @@ impl Broker {
             public_key: public_text,
             fingerprint,
             created_at: now,
-            expires_at: now + ttl.as_secs(),
+            expires_at,
             ended: None,
         };
         let grant = Arc::new(Grant::new(record.clone()));
@@ -339,7 +346,7 @@ impl Broker {
                         error!(tunnel = %grant.id(), error = %format!("{e:#}"), "expiry not persisted");
                     }
                 }
-                Some(ended) if ended.at + retention <= now => {
+                Some(ended) if ended.at.saturating_add(retention) <= now => {
                     match self.unpersist(grant.id().to_owned()).await {
                         Ok(()) => {
                             self.inner.grants.remove(grant.id());
@@ -526,6 +533,48 @@ mod tests {
         assert!(validate_name("user", "a/b", false).is_err());
         assert!(validate_name("user", "a\nb", false).is_err());
         assert!(validate_name("user", &"x".repeat(256), false).is_err());
+    }
+
+    /// Found by the `restore` fuzz target: an end time near u64::MAX overflowed the retention sum.
+    #[tokio::test]
+    async fn restore_survives_extreme_stored_times() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = crate::store::RedbStore::open(tmp.path()).unwrap();
+        let record = |id: &str, expires_at, ended| TunnelRecord {
+            id: id.into(),
+            user: "u".into(),
+            server_name: String::new(),
+            port: 1,
+            public_key: String::new(),
+            fingerprint: format!("SHA256:{id}"),
+            created_at: 0,
+            expires_at,
+            ended,
+        };
+        store
+            .put(&record(
+                "a",
+                u64::MAX,
+                Some(Ended {
+                    at: u64::MAX,
+                    reason: EndReason::Revoked,
+                }),
+            ))
+            .unwrap();
+        store.put(&record("b", 0, None)).unwrap();
+        let config = Config::parse("[chp]\nenabled = false\n[tunnels]\nports = \"1-1\"\n").unwrap();
+        let keys = Keys::load_or_create(&tmp.path().join("keys")).unwrap();
+        let addr: SocketAddr = "127.0.0.1:2222".parse().unwrap();
+        let broker = Broker::open(config, keys, Arc::new(store), Metrics::new().unwrap(), addr)
+            .await
+            .unwrap();
+        broker.reap().await;
+        assert_eq!(
+            broker.get("a").map(|(g, _)| g.ended().map(|e| e.reason)),
+            Some(Some(EndReason::Revoked))
+        );
+        // Expired at time 0: long past retention, so it is purged at restore.
+        assert!(broker.get("b").is_none());
     }
 
     #[test]

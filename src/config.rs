@@ -359,6 +359,15 @@ impl Config {
                 "chp.base_url {:?} must start and end with '/' (JupyterHub's base_url)",
                 self.chp.base_url
             );
+            // It goes into CHP's API URL unescaped: '?', '#', '%' or a space would change the URL.
+            ensure!(
+                self.chp
+                    .base_url
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~@/".contains(&b)),
+                "chp.base_url {:?} may hold only letters, digits and -._~@/",
+                self.chp.base_url
+            );
             ensure!(
                 !self.chp.target_host.is_empty(),
                 "chp.target_host must not be empty"
@@ -477,5 +486,9 @@ mod tests {
         assert!(c.validate().is_err());
         let c = Config::parse("[chp]\nenabled = false\nbase_url = \"/jh\"\n").unwrap();
         c.validate().unwrap();
+        for bad in ["/a?b/", "/a#/", "/a b/", "/a%20/"] {
+            let c = Config::parse(&format!("[chp]\nbase_url = {bad:?}\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }
