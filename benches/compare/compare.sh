@@ -2,18 +2,24 @@
 # tunnelbot vs OpenSSH's sshd, in one run, with the same stock ssh clients and backends.
 # Method, machine and latest results: docs/benchmark.md. Loopback only. Needs root on Debian.
 #
-#   benches/compare/compare.sh [--quick] [--big] [--storm K] [--only mem,cpu,setup,wrk,bulk,storm]
+#   benches/compare/compare.sh [--quick] [--big] [--storm K] [--repeats R] [--only PHASES]
 #                              [--no-setup] [--no-build] [--bin PATH] [--out DIR] [--keep]
+#                              [--perf DIR] [--tb-env KEY=VALUE] [--bulk CIPHER:STREAMS:job|hub,...]
 #
-#   (default)  N = 100 and 1000 idle tunnels, 500 handshakes, 50 setups, wrk 10 s, iperf3 10 s
-#              x (3 ciphers x 1 and 4 streams + 2 ciphers the other way), storm of 200: ~10 min
-#   --quick    N = 50, 150 handshakes, 20 setups, wrk/iperf3 5 s, 2 ciphers, storm of 100: <= 2 min
-#   --big      adds N = 10,000 for tunnelbot (OpenSSH would need ~18 GiB for 20,000 sshd
-#              processes; see the doc), ~+3 min and ~12 GiB of RAM for the 10,000 ssh clients
-#   --storm K  K clients at once in the storm (1000: the baseline's job array; ~+1-2 min)
+#   (default)  N = 100 and 1000 idle tunnels, 500 handshakes, 50 setups (x2 kex), wrk 10 s and
+#              iperf3 10 s (3 ciphers x 1 and 4 streams + 2 the other way), each twice with the
+#              server order swapped (medians), storm of 200: about 8 minutes on 2 vCPU
+#   --quick    N = 50, 150 handshakes, 20 setups, wrk/iperf3 5 s once, 2 ciphers, storm of 100:
+#              about 1 minute
+#   --big      adds N = 10,000 for tunnelbot only (needs ulimit -n >= ~31,000; where it cannot be
+#              raised N is capped to fit); ~1.3 MiB of RAM per ssh client, +1-3 minutes
+#   --storm K  K clients at once in the storm (1000: the baseline's job array; +20 s)
+#   --only     comma list of mem,cpu,setup,wrk,bulk,storm
+#   --perf DIR perf record the broker during cpu/wrk/bulk/storm (slows it: not for figures)
+#   --tb-env   extra environment for the broker, for A/B runs (e.g. GLIBC_TUNABLES=...)
 #
-# Results: the table on stdout, and results.md + results.json in --out
-# (default benches/compare/results/). Exit status 1 when the run was aborted (budget, signal).
+# Results: the table on stdout, results.md + results.json in --out (default
+# benches/compare/results/). Exit status 1 when the run was aborted (time budget, signal).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -29,7 +35,7 @@ while [ $# -gt 0 ]; do
         --out) out="$2"; shift ;;
         --storm|--only|--budget|--par|--repeats|--perf|--tb-env|--bulk) driver_args+=("$1" "$2"); shift ;;
         --quick|--big) driver_args+=("$1") ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 64 ;;
     esac
     shift
