@@ -16,41 +16,21 @@
 //! `$TMPDIR/tunnelbot-fuzz-admin-issue/`.
 #![no_main]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode, header};
 use libfuzzer_sys::fuzz_target;
+use tunnelbot_fuzz::MemStore;
 use tower::ServiceExt;
 use tunnelbot::admin::{AdminState, IssueBody, TunnelView, router};
 use tunnelbot::keys::Keys;
 use tunnelbot::metrics::Metrics;
-use tunnelbot::store::{Store, TunnelRecord};
 use tunnelbot::{Broker, Config};
 
-#[derive(Default)]
-struct MemStore(Mutex<HashMap<String, TunnelRecord>>);
-
-impl Store for MemStore {
-    fn load(&self) -> anyhow::Result<Vec<TunnelRecord>> {
-        Ok(self.0.lock().unwrap().values().cloned().collect())
-    }
-    fn put(&self, record: &TunnelRecord) -> anyhow::Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(record.id.clone(), record.clone());
-        Ok(())
-    }
-    fn remove(&self, id: &str) -> anyhow::Result<()> {
-        self.0.lock().unwrap().remove(id);
-        Ok(())
-    }
-}
 
 struct Harness {
     rt: tokio::runtime::Runtime,

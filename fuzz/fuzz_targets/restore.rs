@@ -23,29 +23,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use tunnelbot_fuzz::MemStore;
 use tunnelbot::keys::Keys;
 use tunnelbot::metrics::Metrics;
-use tunnelbot::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
+use tunnelbot::store::{EndReason, Ended, TunnelRecord, unix_now};
 use tunnelbot::{Broker, Config};
 
-struct MemStore(Mutex<HashMap<String, TunnelRecord>>);
-
-impl Store for MemStore {
-    fn load(&self) -> anyhow::Result<Vec<TunnelRecord>> {
-        Ok(self.0.lock().unwrap().values().cloned().collect())
-    }
-    fn put(&self, record: &TunnelRecord) -> anyhow::Result<()> {
-        self.0
-            .lock()
-            .unwrap()
-            .insert(record.id.clone(), record.clone());
-        Ok(())
-    }
-    fn remove(&self, id: &str) -> anyhow::Result<()> {
-        self.0.lock().unwrap().remove(id);
-        Ok(())
-    }
-}
 
 const CONFIG: &str = r#"
 [ssh]

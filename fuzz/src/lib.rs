@@ -34,3 +34,21 @@ pub fn percent_decode(s: &str) -> Option<Vec<u8>> {
     }
     Some(out)
 }
+
+/// An in-memory `Store`, so targets that build a whole broker touch no disk.
+#[derive(Default)]
+pub struct MemStore(pub std::sync::Mutex<std::collections::HashMap<String, tunnelbot::store::TunnelRecord>>);
+
+impl tunnelbot::store::Store for MemStore {
+    fn load(&self) -> anyhow::Result<Vec<tunnelbot::store::TunnelRecord>> {
+        Ok(self.0.lock().unwrap().values().cloned().collect())
+    }
+    fn put(&self, record: &tunnelbot::store::TunnelRecord) -> anyhow::Result<()> {
+        self.0.lock().unwrap().insert(record.id.clone(), record.clone());
+        Ok(())
+    }
+    fn remove(&self, id: &str) -> anyhow::Result<()> {
+        self.0.lock().unwrap().remove(id);
+        Ok(())
+    }
+}
