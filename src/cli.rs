@@ -158,7 +158,7 @@ pub fn print_issued(t: &TunnelView, key_file: Option<&Path>) -> anyhow::Result<(
                 kh.display()
             );
             println!(
-                "job runs ssh -N -i {} -o UserKnownHostsFile={} -o ExitOnForwardFailure=yes -o ServerAliveInterval=15 -R 0:127.0.0.1:NBPORT {}@{host} -p {}",
+                "job runs ssh -N -i {} -o UserKnownHostsFile={} -o ExitOnForwardFailure=yes -o ServerAliveInterval=15 -o 'RekeyLimit=512M 30m' -R 0:127.0.0.1:NBPORT {}@{host} -p {}",
                 path.display(),
                 kh.display(),
                 t.ssh_user,

@@ -14,7 +14,8 @@ use tracing::{info, warn};
 
 use crate::broker::Broker;
 use crate::grants::{ForwardRefusal, Grant, check_forward};
-use crate::tunnels::{KillSwitch, Link, Stats};
+use crate::transport::KillSwitch;
+use crate::tunnels::{Link, Stats};
 
 /// One SSH connection's handler. Drop unlinks its forward, so a session's end always frees the
 /// tunnel for the job's next connection.

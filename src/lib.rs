@@ -14,6 +14,7 @@
 //! - `chp`      configurable-http-proxy's REST API as a route backend
 //! - `broker`   issue / revoke / expire, keeping the above in step
 //! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
+//! - `transport` the session's socket: cut from outside (revoke, expiry), quick ACKs at login
 //! - `handler`  the thin russh handler: logins, the one forward, refusals
 //! - `admin`    the loopback HTTP API
 //! - `metrics`  the Prometheus registry passed to every component
@@ -41,6 +42,7 @@ pub mod secret;
 pub mod shutdown;
 pub mod ssh;
 pub mod store;
+pub mod transport;
 pub mod tunnels;
 
 use std::future::Future;

@@ -16,7 +16,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::Broker;
 use crate::handler::Handler;
-use crate::tunnels::KillSwitch;
+use crate::transport::{KillSwitch, Transport};
 
 /// How long a session gets to leave after "broker shutting down".
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -39,6 +39,13 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
         // write into a dead socket.
         inactivity_timeout: Some(ssh.keepalive_interval * 8),
         nodelay: true,
+        // russh's own re-key limits (1 GiB either way, 1 h), stated because the job's ssh is told
+        // to re-key at half of them (RekeyLimit in the wrapper and the README): a re-exchange the
+        // server starts while the client has more than two channel windows of data in flight is
+        // ended by russh 0.65 as "pending buffer limit reached", taking every download of the
+        // session with it; one the client starts has no such race. These stay as the backstop
+        // for clients that do not re-key.
+        limits: russh::Limits::default(),
         preferred: russh::Preferred {
             // AES-GCM costs least per byte on CPUs with AES-NI; aes128-gcm is implemented but not
             // offered by default. The client's order decides, so this mostly widens the offer.
@@ -122,13 +129,8 @@ impl Connection {
     async fn run(self, sock: TcpStream, peer: SocketAddr, session_id: u64) {
         let started = Instant::now();
         let _ = sock.set_nodelay(true);
-        let kill = match dup(&sock) {
-            Ok(k) => Arc::new(k),
-            Err(e) => {
-                warn!(error = %e, "cannot duplicate the socket; dropping the connection");
-                return;
-            }
-        };
+        let kill = Arc::new(KillSwitch::default());
+        let sock = Transport::new(sock, Arc::clone(&kill));
         let metrics = self.broker.metrics().clone();
         metrics.ssh_sessions_active.inc();
         let (authed_tx, mut authed_rx) = oneshot::channel();
@@ -179,7 +181,6 @@ impl Connection {
                     .with_label_values(&["handshake"])
                     .inc();
                 metrics.ssh_sessions_active.dec();
-                kill.disarm();
                 return;
             }
         };
@@ -213,7 +214,6 @@ impl Connection {
             }
         };
         drop(startup);
-        kill.disarm();
         metrics.ssh_sessions_active.dec();
         match result {
             Ok(()) => debug!("session closed"),
@@ -226,9 +226,4 @@ impl Connection {
             }
         }
     }
-}
-
-fn dup(sock: &TcpStream) -> std::io::Result<KillSwitch> {
-    let dup = socket2::SockRef::from(sock).try_clone()?;
-    Ok(KillSwitch::new(dup.into()))
 }

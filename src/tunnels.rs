@@ -24,36 +24,11 @@ use crate::bridge::Bridge;
 use crate::grants::{ForwardRefusal, Grant};
 use crate::metrics::Metrics;
 use crate::ports::PortPool;
+use crate::transport::KillSwitch;
 
 /// Bound on sending a disconnect to a session whose loop may be stalled; after it, the
 /// transport socket is shut down under it.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
-
-/// Forcibly ends an SSH connection from outside its session loop.
-///
-/// Holds a duplicate of the transport socket: `shutdown` on it makes the session's reads fail.
-/// The duplicate must be dropped (`disarm`) when the session ends, or the socket would stay open.
-#[derive(Debug, Default)]
-pub struct KillSwitch(std::sync::Mutex<Option<std::net::TcpStream>>);
-
-impl KillSwitch {
-    /// Arms the switch on a duplicate of `stream`'s socket.
-    pub fn new(dup: std::net::TcpStream) -> Self {
-        Self(std::sync::Mutex::new(Some(dup)))
-    }
-
-    /// Shuts the transport down; the session ends with an I/O error.
-    pub fn kill(&self) {
-        if let Some(s) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    /// Closes the duplicate; later `kill`s do nothing.
-    pub fn disarm(&self) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-    }
-}
 
 /// A live SSH session holding a tunnel's forward.
 pub struct Link {

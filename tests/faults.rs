@@ -139,6 +139,64 @@ async fn a_notebook_that_never_reads_stalls_nothing_else() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A job frozen mid-upload (SIGSTOP: it reads nothing, sends nothing, not even the reply to a
+/// disconnect) is still cut by a revoke: the broker ends the session itself and frees the port,
+/// without the job's help.
+#[tokio::test]
+async fn revoke_cuts_a_frozen_job_mid_upload() -> anyhow::Result<()> {
+    let broker = TestBroker::start("").await?;
+    let issued = broker.issue("frida", "", 600).await?;
+    let notebook = moody_notebook().await?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
+    let port = job.allocated_port().await?;
+    broker
+        .wait_tunnel(&issued.id, "connected", |t| t["connected"] == true)
+        .await?;
+    job.signal("STOP")?;
+
+    // A hub client uploading into the frozen job: its channel open is never answered, and the
+    // session has that open outstanding when the revoke comes.
+    let mut up = TcpStream::connect(SocketAddr::new(broker.tunnel_ip, port)).await?;
+    let uploader = tokio::spawn(async move {
+        let chunk = vec![b'E'; 64 * 1024];
+        while up.write_all(&chunk).await.is_ok() {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker
+        .metric("tunnelbot_forwarded_connections_active")
+        .await?
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached the tunnel"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    assert_eq!(broker.revoke(&issued.id).await?, 204);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.metric("tunnelbot_ssh_sessions_active").await? > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the frozen session was never cut"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        TcpStream::connect(SocketAddr::new(broker.tunnel_ip, port))
+            .await
+            .is_err(),
+        "the port is closed"
+    );
+    uploader.abort();
+
+    // Thawed, the job finds its connection gone.
+    job.signal("CONT")?;
+    assert_eq!(job.exit_code().await?, 255);
+    Ok(())
+}
+
 #[tokio::test]
 async fn killing_the_jobs_connection_100_times_always_gets_the_same_port_and_route()
 -> anyhow::Result<()> {

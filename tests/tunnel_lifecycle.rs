@@ -254,3 +254,67 @@ async fn every_offered_cipher_carries_a_tunnel() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Four downloads at once through one tunnel (every channel with a full window in flight) while
+/// the job's client re-keys every MiB, as the job wrapper has it re-key before the broker would
+/// (`RekeyLimit`; docs/benchmark.md on why the broker should not be the one to start it): every
+/// byte arrives, in order, and the session lives through every re-key.
+#[tokio::test]
+async fn parallel_downloads_live_through_the_clients_key_re_exchanges() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const EACH: usize = 8 << 20;
+    let broker = TestBroker::start("").await?;
+    let issued = broker.issue("rita", "", 600).await?;
+    // The notebook: every connection gets EACH bytes of a counting pattern, then EOF.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let nb_port = listener.local_addr()?.port();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let data: Vec<u8> = (0..EACH).map(|i| (i % 251) as u8).collect();
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let job = Ssh::reverse(
+        &broker,
+        &issued,
+        &format!("0:127.0.0.1:{nb_port}"),
+        &["-v", "-o", "RekeyLimit=1M"],
+    )?;
+    job.allocated_port().await?;
+
+    let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
+    let mut downloads = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        downloads.spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(hub_side).await?;
+            let mut got = Vec::with_capacity(EACH);
+            tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut got)).await??;
+            anyhow::ensure!(got.len() == EACH, "got {} of {EACH} bytes", got.len());
+            anyhow::ensure!(
+                got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8),
+                "bytes out of order"
+            );
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = downloads.join_next().await {
+        r??;
+    }
+    let rekeys = job
+        .stderr()
+        .matches("SSH2_MSG_NEWKEYS received")
+        .count()
+        .saturating_sub(1);
+    assert!(rekeys >= 8, "only {rekeys} re-keys:\n{}", job.stderr());
+    // Same session, still forwarding.
+    assert_eq!(broker.metric("tunnelbot_ssh_sessions_active").await?, 1.0);
+    let mut again = tokio::net::TcpStream::connect(hub_side).await?;
+    let mut first = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(10), again.read_exact(&mut first)).await??;
+    assert_eq!(first[1], 1);
+    server.abort();
+    Ok(())
+}

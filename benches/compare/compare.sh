@@ -11,12 +11,14 @@
 #              server order swapped (medians), storm of 200: about 8 minutes on 2 vCPU
 #   --quick    N = 50, 150 handshakes, 20 setups, wrk/iperf3 5 s once, 2 ciphers, storm of 100:
 #              about 1 minute
-#   --big      adds N = 10,000 for tunnelbot only (needs ulimit -n >= ~31,000; where it cannot be
+#   --big      adds N = 10,000 for tunnelbot only (needs ulimit -n >= ~20,100; where it cannot be
 #              raised N is capped to fit); ~1.3 MiB of RAM per ssh client, +1-3 minutes
 #   --storm K  K clients at once in the storm (1000: the baseline's job array; +20 s)
 #   --only     comma list of mem,cpu,setup,wrk,bulk,storm
 #   --perf DIR perf record the broker during cpu/wrk/bulk/storm (slows it: not for figures)
 #   --tb-env   extra environment for the broker, for A/B runs (e.g. GLIBC_TUNABLES=...)
+#   --rekey-limit "SIZE TIME"  the clients' RekeyLimit (default "512M 30m", as the job wrapper;
+#              "default": OpenSSH's own, so the servers start the re-keys)
 #
 # Results: the table on stdout, results.md + results.json in --out (default
 # benches/compare/results/). Exit status 1 when the run was aborted (time budget, signal).
@@ -33,9 +35,9 @@ while [ $# -gt 0 ]; do
         --keep) keep=1 ;;
         --bin) bin="$2"; shift ;;
         --out) out="$2"; shift ;;
-        --storm|--only|--budget|--par|--repeats|--perf|--tb-env|--bulk) driver_args+=("$1" "$2"); shift ;;
+        --storm|--only|--budget|--par|--repeats|--perf|--tb-env|--bulk|--rekey-limit) driver_args+=("$1" "$2"); shift ;;
         --quick|--big) driver_args+=("$1") ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 64 ;;
     esac
     shift

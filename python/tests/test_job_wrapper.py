@@ -187,3 +187,16 @@ def test_key_file_input(broker: Broker, job_factory, tmp_path: Path) -> None:  #
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait_exit(20) == 143
     assert key.exists(), "the wrapper deletes only its own copy"
+
+
+def test_ssh_starts_the_key_re_exchanges(broker: Broker, job_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """ssh is told to re-key (RekeyLimit) before the broker's own 1 GiB / 1 h would make the broker
+    start one: a broker-started re-exchange can drop the session under parallel downloads."""
+    args_file = tmp_path / "ssh.args"
+    shim = tmp_path / "ssh-shim"
+    shim.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{args_file}"\nexec ssh "$@"\n')
+    shim.chmod(0o755)
+    tunnel = issue(broker)
+    job = job_factory(broker, tunnel, TUNNELBOT_SSH=str(shim))
+    assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+    assert "RekeyLimit=512M 30m" in args_file.read_text().splitlines()

@@ -429,6 +429,17 @@ impl Ssh {
         Ok(status.code().unwrap_or(-1))
     }
 
+    /// Sends `SIG<name>` (e.g. "STOP", "CONT") to the ssh process.
+    pub fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().context("ssh already reaped")?;
+        let ok = std::process::Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill -{name} {pid} failed");
+        Ok(())
+    }
+
     /// Whether ssh is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
