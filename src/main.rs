@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
 use tunnelbot::{Config, Listeners, cli, keys};
 
+mod heap;
+
 /// Config errors exit with EX_USAGE, as linkerd and sysexits do.
 const EXIT_CONFIG: u8 = 64;
 
@@ -115,7 +117,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    heap::tune();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.worker_threads > 0 {
+        builder.worker_threads(config.runtime.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tunnelbot: cannot start the runtime: {e}");

@@ -37,7 +37,8 @@ CLK = os.sysconf("SC_CLK_TCK")
 KEX = "curve25519-sha256"
 # As the job wrapper (python/tunnelbot_jupyterhub/tunnelbot-job) runs ssh: the client re-keys
 # before the broker would (docs/benchmark.md, finding 2). Given to both servers' clients.
-REKEY_LIMIT = "512M 30m"
+WRAPPER_REKEY_LIMIT = "512M 30m"
+REKEY_LIMIT = WRAPPER_REKEY_LIMIT
 ALLOC_RE = re.compile(rb"Allocated port (\d+) for remote forward")
 GIB = 1 << 30
 START = time.monotonic()
@@ -1199,7 +1200,7 @@ def main():
     ap.add_argument("--bulk", default=None, metavar="CIPHER:STREAMS:job|hub,...",
                     help="bulk matrix instead of the default, e.g. chacha20:4:job,aes256:1:hub "
                     "(job: job->hub, iperf3 -R; hub: hub->job)")
-    ap.add_argument("--rekey-limit", default=REKEY_LIMIT, metavar="'SIZE TIME'",
+    ap.add_argument("--rekey-limit", default=WRAPPER_REKEY_LIMIT, metavar="'SIZE TIME'",
                     help="the clients' RekeyLimit (default: the job wrapper's %(default)s); "
                     "'default' leaves OpenSSH's own, so the servers start re-keys (A/B of finding 2)")
     ap.add_argument("--tb-env", action="append", default=[], metavar="KEY=VALUE",
