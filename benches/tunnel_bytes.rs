@@ -366,6 +366,32 @@ impl Conn {
     }
 }
 
+/// What one timed step does on an open connection.
+#[derive(Clone, Copy)]
+enum Step {
+    /// `msg` there and back (`roundtrip`).
+    RoundTrip,
+    /// `msg` pushed while its echo is read (`echo_bulk`).
+    EchoBulk,
+}
+
+/// `iters` steps on `conn`, timed as one batch on the runtime's workers.
+fn timed(rt: &Runtime, conn: &Arc<tokio::sync::Mutex<Conn>>, step: Step, iters: u64) -> Duration {
+    let conn = Arc::clone(conn);
+    on_workers(rt, async move {
+        let mut conn = conn.lock().await;
+        let Conn { stream, msg, buf } = &mut *conn;
+        let start = Instant::now();
+        for _ in 0..iters {
+            match step {
+                Step::RoundTrip => drop(must(roundtrip(stream, msg, buf).await)),
+                Step::EchoBulk => must(echo_bulk(stream, msg, buf).await),
+            }
+        }
+        start.elapsed()
+    })
+}
+
 /// Runs one timed batch as a task on the runtime's workers. Polled from the bench thread
 /// instead, every wake-up would cross threads: about 60 µs per round trip on a 2-vCPU VM,
 /// more than the tunnel itself adds.
@@ -420,18 +446,7 @@ fn round_trips(c: &mut Criterion, rt: &Runtime, targets: &[&Target]) {
         for &(size_name, size) in sizes {
             let conn = Conn::open(rt, target, vec![0x5a; size]);
             g.bench_function(BenchmarkId::new(size_name, target.name), |b| {
-                b.iter_custom(|iters| {
-                    let conn = Arc::clone(&conn);
-                    on_workers(rt, async move {
-                        let mut conn = conn.lock().await;
-                        let Conn { stream, msg, buf } = &mut *conn;
-                        let start = Instant::now();
-                        for _ in 0..iters {
-                            must(roundtrip(stream, msg, buf).await);
-                        }
-                        start.elapsed()
-                    })
-                })
+                b.iter_custom(|iters| timed(rt, &conn, Step::RoundTrip, iters))
             });
         }
     }
@@ -449,18 +464,7 @@ fn throughput(c: &mut Criterion, rt: &Runtime, targets: &[&Target]) {
         let payload = (0..SIZE).map(|i| (i % 251) as u8).collect();
         let conn = Conn::open(rt, target, payload);
         g.bench_function(BenchmarkId::new("echo_1MiB", target.name), |b| {
-            b.iter_custom(|iters| {
-                let conn = Arc::clone(&conn);
-                on_workers(rt, async move {
-                    let mut conn = conn.lock().await;
-                    let Conn { stream, msg, buf } = &mut *conn;
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        must(echo_bulk(stream, msg, buf).await);
-                    }
-                    start.elapsed()
-                })
-            })
+            b.iter_custom(|iters| timed(rt, &conn, Step::EchoBulk, iters))
         });
         // Checked once, outside the timing: an echo that mangled bytes would void the figure.
         let conn = conn.blocking_lock();
