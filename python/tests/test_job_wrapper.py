@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shlex
 import signal
 import stat
 import subprocess
@@ -14,7 +15,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from conftest import WRAPPER, Broker, http_get, pid_alive, python_http_server, ssh_children, stop_process, wait_for
-from tunnelbot_jupyterhub import BrokerClient, Tunnel
+from tunnelbot_jupyterhub import BrokerClient, Tunnel, heredoc, render_bundle
 
 
 def client(broker: Broker) -> BrokerClient:
@@ -32,9 +33,13 @@ def current(broker: Broker, tunnel: Tunnel) -> Tunnel:
 
 
 class Job:
-    """The wrapper around a stand-in notebook (python's http.server), as a batch job runs it."""
+    """The wrapper around a stand-in notebook (python's http.server), as a batch job runs it.
 
-    def __init__(self, broker: Broker, tunnel: Tunnel, tmp: Path, **env: str) -> None:
+    With ``bundle``, the job script hands the wrapper its credential in a here-document
+    (``--credential -``), as the batch spawners do; else the deprecated environment inputs.
+    """
+
+    def __init__(self, broker: Broker, tunnel: Tunnel, tmp: Path, bundle: Optional[str] = None, **env: str) -> None:
         self.site = tmp / "site"
         self.site.mkdir(parents=True)
         self.secret = secrets.token_hex(8)
@@ -43,20 +48,31 @@ class Job:
         self.tmpdir.mkdir()
         self.stderr = tmp / "job.err"
         assert tunnel.private_key
-        full_env = {
-            "PATH": os.environ["PATH"],
-            "TMPDIR": str(self.tmpdir),
-            "TUNNELBOT_KEY": tunnel.private_key,
-            "TUNNELBOT_KNOWN_HOSTS": tunnel.known_hosts,  # as the broker gives it: "[*]:port key"
-            "TUNNELBOT_HOST": "127.0.0.1",
-            "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
-            "TUNNELBOT_SSH_USER": tunnel.ssh_user,
-            "TUNNELBOT_PORT": str(tunnel.port),
-            **env,
-        }
+        full_env = {"PATH": os.environ["PATH"], "TMPDIR": str(self.tmpdir)}
+        notebook = python_http_server(self.site)
+        if bundle is None:
+            full_env.update(
+                {
+                    "TUNNELBOT_KEY": tunnel.private_key,
+                    "TUNNELBOT_KNOWN_HOSTS": tunnel.known_hosts,  # as the broker gives it: "[*]:port key"
+                    "TUNNELBOT_HOST": "127.0.0.1",
+                    "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
+                    "TUNNELBOT_SSH_USER": tunnel.ssh_user,
+                    "TUNNELBOT_PORT": str(tunnel.port),
+                }
+            )
+            argv = ["/bin/sh", str(WRAPPER), *notebook]
+        else:
+            script = tmp / "job.sh"
+            script.write_text(
+                "#!/bin/sh\n" + shlex.join(["exec", "/bin/sh", str(WRAPPER), "--credential", "-", *notebook]) + " " + heredoc(bundle)
+            )
+            script.chmod(0o700)
+            argv = ["/bin/sh", str(script)]
+        full_env.update(env)
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                ["/bin/sh", str(WRAPPER), *python_http_server(self.site)],
+                argv,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -101,8 +117,8 @@ def get_through_tunnel(port: int, job: Job, timeout: float = 20) -> bytes:
 def job_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     jobs: List[Job] = []
 
-    def make(broker: Broker, tunnel: Tunnel, **env: str) -> Job:
-        job = Job(broker, tunnel, tmp_path / f"job{len(jobs)}", **env)
+    def make(broker: Broker, tunnel: Tunnel, bundle: Optional[str] = None, **env: str) -> Job:
+        job = Job(broker, tunnel, tmp_path / f"job{len(jobs)}", bundle, **env)
         jobs.append(job)
         return job
 
@@ -205,3 +221,26 @@ def test_ssh_starts_the_key_re_exchanges(broker: Broker, job_factory, tmp_path: 
     assert "RekeyLimit=512M 30m" in args
     # AES-GCM first: about half the broker's CPU per byte of chacha20-poly1305.
     assert any(a.startswith("Ciphers=aes128-gcm@openssh.com,") for a in args)
+
+
+def test_bundle_from_a_job_script_with_the_real_broker(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    """The spawners' way: render_bundle, a here-document in the job script, `--credential -`."""
+    tunnel = issue(broker)
+    job = job_factory(broker, tunnel, render_bundle(tunnel, "127.0.0.1", ["ServerAliveInterval=5"]))
+    wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+    assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+    assert f"forwarding hub port {tunnel.port} (tunnel {tunnel.id})" in job.log()
+    keys = job.key_files()
+    assert len(keys) == 1 and stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+    # Neither the wrapper's nor the notebook's environment holds the key.
+    secret = (tunnel.private_key or "").splitlines()[1]
+    for pid in [job.proc.pid, *job.children()]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        assert secret.encode() not in environ and secret.encode() not in cmdline
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit(20) == 143
+    assert list(job.tmpdir.iterdir()) == []
