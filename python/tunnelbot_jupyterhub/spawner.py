@@ -35,6 +35,7 @@ _HOST_KEY_OPTIONS = {
 _WRAPPER_EXITS = {
     64: "tunnelbot-job refused its inputs (see the job's log)",
     69: "tunnelbot-job could not bring the tunnel up (see the job's log for ssh's error)",
+    77: "the broker refused the credential (tunnel revoked, expired or unknown)",
     126: "the job command is not executable",
     127: "the job command was not found (is tunnelbot-job on the job's PATH?)",
 }
