@@ -6,7 +6,9 @@
 //! - `keys`     keys folder: host key and admin token, permissions
 //! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam
 //! - `ports`    the hub port pool; a reservation is a bound listener
-//! - `limits`   per-source failed-login limiting
+//! - `limits`   per-source failed-login reporting
+//! - `preauth`  connections not logged in yet: bounded in total and per source
+//! - `sessions` one live login per credential, the liveness probe, telling a session to go
 //! - `grants`   per-job credentials: login and forward decisions (plain Rust)
 //! - `tunnels`  a listener per active grant, linked to the job's session
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
@@ -37,8 +39,10 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod ports;
+pub mod preauth;
 pub mod routes;
 pub mod secret;
+pub mod sessions;
 pub mod shutdown;
 pub mod ssh;
 pub mod store;

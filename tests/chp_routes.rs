@@ -197,7 +197,9 @@ async fn reconnect_keeps_the_route_on_the_same_port() -> anyhow::Result<()> {
     let first = Ssh::job(&broker, &issued, notebook.port)?;
     chp.wait_route("/user/erin", "registered", |r| r.is_some())
         .await?;
-    // Newest wins: a second connection replaces the first without the route changing.
+    // The first session freezes (a network cut looks the same); the job's reconnect replaces
+    // it without the route changing.
+    first.signal("STOP")?;
     let second = Ssh::job(&broker, &issued, notebook.port)?;
     second.allocated_port().await?;
     for _ in 0..10 {
@@ -213,6 +215,7 @@ async fn reconnect_keeps_the_route_on_the_same_port() -> anyhow::Result<()> {
         r.is_some_and(|r| r["target"] == want.as_str())
     })
     .await?;
+    first.signal("CONT")?;
     drop(first);
     Ok(())
 }

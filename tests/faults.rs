@@ -323,7 +323,7 @@ async fn an_unwritable_store_fails_issuing_clearly_and_live_tunnels_keep_working
             .text()
             .await?,
         "tunnelbot_ports_free",
-    );
+    )?;
     assert_eq!(free, 9999.0);
     // The live tunnel is unaffected.
     assert_eq!(

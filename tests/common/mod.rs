@@ -214,7 +214,22 @@ impl TestBroker {
             .await?
             .text()
             .await?;
-        Ok(metric_value(&text, series))
+        metric_value(&text, series)
+    }
+
+    /// Waits (bounded) until `series` reads at least `at_least`.
+    pub async fn wait_metric(&self, series: &str, at_least: f64) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series).await?;
+            if v >= at_least {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{series} stayed at {v}, below {at_least}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -226,15 +241,16 @@ impl Drop for TestBroker {
     }
 }
 
-/// Finds `series` (name plus labels, as printed) in a Prometheus text body.
-pub fn metric_value(text: &str, series: &str) -> f64 {
+/// Finds `series` (name plus labels as printed, labels in name order) in a Prometheus text body;
+/// a series that is not there is an error, never a silent 0.
+pub fn metric_value(text: &str, series: &str) -> anyhow::Result<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
             (name == series).then(|| value.parse().ok()).flatten()
         })
-        .unwrap_or(0.0)
+        .with_context(|| format!("no series {series} in /metrics"))
 }
 
 /// An issued tunnel with its key material on disk.
