@@ -12,6 +12,7 @@
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
 //! - `chp`      configurable-http-proxy's REST API as a route backend
+//! - `names`    which JupyterHub user and server names are accepted (route-safe)
 //! - `broker`   issue / revoke / expire, keeping the above in step
 //! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
 //! - `transport` the session's socket: cut from outside (revoke, expiry), quick ACKs at login
@@ -36,6 +37,7 @@ mod handler;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod names;
 pub mod ports;
 pub mod routes;
 pub mod secret;
