@@ -155,6 +155,9 @@ def start_broker(
         "[admin]\n"
         'listen = "127.0.0.1:0"\n'
         f"{chp_section}"
+        # The default limits need ~30,700 descriptors; a test host's hard limit may be lower.
+        "[limits]\n"
+        "max_sessions = 1000\n"
     )
     ready = workdir / "ready.json"
     log = workdir / "broker.log"
