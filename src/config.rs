@@ -131,6 +131,15 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Allow `listen` on a non-loopback address.
     pub allow_non_loopback: bool,
+    /// Time a client has to send a request's headers (from its first byte, or from the end of
+    /// the previous response); then the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body; then it gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -138,6 +147,9 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
             allow_non_loopback: false,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_connections: 64,
         }
     }
 }
@@ -337,6 +349,14 @@ impl Config {
                 self.admin.listen
             );
         }
+        ensure!(
+            !self.admin.header_timeout.is_zero() && !self.admin.body_timeout.is_zero(),
+            "admin.header_timeout and admin.body_timeout must be above zero"
+        );
+        ensure!(
+            self.admin.max_connections > 0,
+            "admin.max_connections must be at least 1"
+        );
         ensure!(!self.ssh.user.is_empty(), "ssh.user must not be empty");
         ensure!(
             !self.ssh.keepalive_interval.is_zero(),

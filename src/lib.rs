@@ -14,11 +14,14 @@
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
 //! - `chp`      configurable-http-proxy's REST API as a route backend
+//! - `names`    which JupyterHub user and server names are accepted (route-safe)
 //! - `broker`   issue / revoke / expire, keeping the above in step
 //! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
 //! - `transport` the session's socket: cut from outside (revoke, expiry), quick ACKs at login
 //! - `handler`  the thin russh handler: logins, the one forward, refusals
-//! - `admin`    the loopback HTTP API
+//! - `admin`    the loopback HTTP API, with header/body timeouts and a connection cap
+//! - `accept`   accept errors: back-off and rate-bounded warnings, for every accept loop
+//! - `descriptors` RLIMIT_NOFILE raised at start; a config that cannot fit is refused
 //! - `metrics`  the Prometheus registry passed to every component
 //! - `cli`      the admin commands, as a client of the admin API
 //! - `shutdown` signals
@@ -27,17 +30,20 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod accept;
 pub mod admin;
 mod bridge;
 pub mod broker;
 pub mod chp;
 pub mod cli;
 pub mod config;
+pub mod descriptors;
 pub mod grants;
 mod handler;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod names;
 pub mod ports;
 pub mod preauth;
 pub mod routes;
@@ -136,10 +142,9 @@ pub async fn run(
     // The admin API outlives the drain, so /readyz says 503 and /metrics stays readable meanwhile.
     let admin_cancel = CancellationToken::new();
     let admin_stop = admin_cancel.clone();
+    let admin_config = broker.config().admin.clone();
     let admin = tokio::spawn(async move {
-        axum::serve(listeners.admin, app)
-            .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
-            .await
+        admin::serve(listeners.admin, app, &admin_config, admin_cancel).await;
     });
     ready.store(true, Ordering::Release);
     info!("ready");
@@ -160,10 +165,12 @@ pub async fn run(
         let _ = r.await;
     }
     admin_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(2), admin).await {
-        Ok(Ok(Err(e))) => warn!(error = %e, "admin server error"),
-        Ok(_) => {}
-        Err(_) => warn!("admin server did not stop in time"),
+    // serve() itself gives connections 2 s; this bounds the whole stop.
+    if tokio::time::timeout(Duration::from_secs(5), admin)
+        .await
+        .is_err()
+    {
+        warn!("admin server did not stop in time");
     }
     info!("stopped");
     Ok(())

@@ -211,7 +211,10 @@ async fn every_offered_cipher_carries_a_tunnel() -> anyhow::Result<()> {
         "chacha20-poly1305@openssh.com",
         "aes128-ctr",
     ] {
-        let issued = broker.issue("ciph", cipher, 600).await?;
+        // Server names are slugs (JupyterHub 6): the cipher name with its "@" and "." as "-".
+        let issued = broker
+            .issue("ciph", &cipher.replace(['@', '.'], "-"), 600)
+            .await?;
         let job = Ssh::reverse(
             &broker,
             &issued,

@@ -165,6 +165,9 @@ def start_broker(
         "[admin]\n"
         f'listen = "127.0.0.1:{admin_port}"\n'
         f"{chp_section}"
+        # The default limits need ~30,700 descriptors; a test host's hard limit may be lower.
+        "[limits]\n"
+        "max_sessions = 1000\n"
     )
     ready = workdir / "ready.json"
     ready.unlink(missing_ok=True)  # a restart must not read the last run's

@@ -47,6 +47,10 @@ pub struct TestBroker {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Appended to configs of the broker binary: the default limits need about 30,700 descriptors,
+/// more than a test host's hard `RLIMIT_NOFILE` may allow, and `serve` refuses such a config.
+pub const PROCESS_LIMITS: &str = "[limits]\nmax_sessions = 1000\n";
+
 /// The config text every test broker starts from; `extra` is appended.
 pub fn base_config(dir: &Path, tunnel_ip: IpAddr, extra: &str) -> String {
     format!(
@@ -75,13 +79,24 @@ impl TestBroker {
         tunnels: &str,
         tables: impl FnOnce(&Path, IpAddr) -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_text(|dir, tunnel_ip| {
+            Ok(format!(
+                "{}{}",
+                base_config(dir, tunnel_ip, tunnels),
+                tables(dir, tunnel_ip)?
+            ))
+        })
+        .await
+    }
+
+    /// Starts a broker from the whole config text that `text` builds (for keys in tables that
+    /// `base_config` opens, such as `[admin]`).
+    pub async fn start_text(
+        text: impl FnOnce(&Path, IpAddr) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let tunnel_ip = unique_loopback();
-        let text = format!(
-            "{}{}",
-            base_config(dir.path(), tunnel_ip, tunnels),
-            tables(dir.path(), tunnel_ip)?
-        );
+        let text = text(dir.path(), tunnel_ip)?;
         let config = tunnelbot::Config::parse(&text)?;
         config.validate()?;
         let listeners = tunnelbot::Listeners::bind(&config).await?;
