@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .broker import BrokerClient, BrokerError, Tunnel
+from .remote import TunnelbotRemoteSpawner
 from .spawner import TunnelbotLocalProcessSpawner, TunnelbotSpawnerMixin
 from .wrapper import job_wrapper_path
 
@@ -17,6 +18,7 @@ __all__ = [
     "BrokerError",
     "Tunnel",
     "TunnelbotLocalProcessSpawner",
+    "TunnelbotRemoteSpawner",
     "TunnelbotSlurmSpawner",
     "TunnelbotSpawnerMixin",
     "job_wrapper_path",

@@ -43,8 +43,9 @@ __all__ = [
 ]
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
-# One path component: letters, digits and a few punctuation marks that no shell treats specially.
-_PATH = re.compile(r"^/(?:[A-Za-z0-9._@+=-]+/?)*$")
+# Letters, digits and a few punctuation marks that no shell treats specially. (No nested
+# quantifiers: these see user input, and must not backtrack exponentially.)
+_PATH = re.compile(r"^/[A-Za-z0-9._@+=/-]*$")
 _RELATIVE_PATH = re.compile(r"^[A-Za-z0-9._@+=-]+(?:/[A-Za-z0-9._@+=-]+)*$")
 _USERNAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 _BIND_OPTIONS = {"ro", "rw"}
