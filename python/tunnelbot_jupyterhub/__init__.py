@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .broker import BrokerClient, BrokerError, Tunnel
+from .credential import heredoc, render_bundle
 from .remote import TunnelbotRemoteSpawner
 from .spawner import TunnelbotLocalProcessSpawner, TunnelbotSpawnerMixin
 from .wrapper import job_wrapper_path
@@ -21,7 +22,9 @@ __all__ = [
     "TunnelbotRemoteSpawner",
     "TunnelbotSlurmSpawner",
     "TunnelbotSpawnerMixin",
+    "heredoc",
     "job_wrapper_path",
+    "render_bundle",
 ]
 
 

@@ -17,6 +17,7 @@ from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from traitlets import Float, Integer, List as ListTrait, TraitError, Unicode, default, validate
 
 from .broker import BrokerClient, BrokerError, Tunnel
+from .credential import pin_known_hosts
 from .wrapper import job_wrapper_path
 
 __all__ = ["TunnelbotLocalProcessSpawner", "TunnelbotSpawnerMixin", "pin_known_hosts"]
@@ -34,26 +35,10 @@ _HOST_KEY_OPTIONS = {
 _WRAPPER_EXITS = {
     64: "tunnelbot-job refused its inputs (see the job's log)",
     69: "tunnelbot-job could not bring the tunnel up (see the job's log for ssh's error)",
+    77: "the broker refused the credential (tunnel revoked, expired or unknown)",
     126: "the job command is not executable",
     127: "the job command was not found (is tunnelbot-job on the job's PATH?)",
 }
-
-
-def pin_known_hosts(lines: str, host: str, port: int) -> str:
-    """The broker's known_hosts line(s), re-keyed to the host and port the job dials.
-
-    The broker names itself by ``ssh.public_host`` (or ``[*]``); ssh looks the key up
-    under the name it was told to connect to, so the pattern must be that name.
-    """
-    pattern = host if port == 22 else f"[{host}]:{port}"
-    pinned = []
-    for line in lines.splitlines():
-        fields = line.split(None, 1)
-        if len(fields) == 2 and not line.startswith("#"):
-            pinned.append(f"{pattern} {fields[1].strip()}")
-    if not pinned:
-        raise BrokerError(0, "the broker sent no usable known_hosts line")
-    return "\n".join(pinned)
 
 
 def describe_exit(status: int) -> str:
