@@ -10,6 +10,7 @@ from typing import Any
 
 from .broker import BrokerClient, BrokerError, Tunnel
 from .credential import heredoc, render_bundle
+from .remote import TunnelbotRemoteSpawner
 from .spawner import TunnelbotLocalProcessSpawner, TunnelbotSpawnerMixin
 from .wrapper import job_wrapper_path
 
@@ -18,6 +19,7 @@ __all__ = [
     "BrokerError",
     "Tunnel",
     "TunnelbotLocalProcessSpawner",
+    "TunnelbotRemoteSpawner",
     "TunnelbotSlurmSpawner",
     "TunnelbotSpawnerMixin",
     "heredoc",
