@@ -59,6 +59,12 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
                 russh::cipher::AES_256_CTR,
                 russh::cipher::AES_128_CTR,
             ]),
+            // Compression only once logged in (zlib@openssh.com), never before: inflating what an
+            // unauthenticated peer sends is work and risk nobody needs.
+            compression: std::borrow::Cow::Borrowed(&[
+                russh::compression::NONE,
+                russh::compression::ZLIB_LEGACY,
+            ]),
             ..russh::Preferred::default()
         },
         ..Default::default()
