@@ -44,6 +44,7 @@ fn table(n: usize) -> (Grants, Vec<TunnelRecord>, Vec<PublicKey>) {
             created_at: NOW - 60,
             expires_at: NOW + 8 * 3600,
             ended: None,
+            auth: Default::default(),
         };
         grants
             .insert(Arc::new(Grant::new(record.clone())))

@@ -187,6 +187,7 @@ impl Fixture {
                 server_name: String::new(),
                 ttl: Some(Duration::from_secs(3600)),
                 public_key: None,
+                auth: Default::default(),
             })
             .await?;
         let pem = issued.private_key.context("the broker made no key")?;

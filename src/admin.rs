@@ -43,6 +43,7 @@ use serde_json::json;
 use crate::accept::AcceptErrors;
 use crate::broker::{Broker, IssueError, IssueRequest};
 use crate::config::AdminConfig;
+use crate::credentials::AuthKind;
 use crate::grants::Grant;
 use crate::tunnels::LiveStatus;
 
@@ -201,6 +202,9 @@ pub struct IssueBody {
     pub ttl_seconds: Option<u64>,
     /// The job's own public key.
     pub public_key: Option<String>,
+    /// "key" (the default) or "certificate".
+    #[serde(default)]
+    pub auth: AuthKind,
 }
 
 /// A tunnel as the API shows it.
@@ -242,6 +246,9 @@ pub struct TunnelView {
     pub bytes_from_job: u64,
     /// The proxy route's state.
     pub route: String,
+    /// "key" or "certificate": which credential may publish it.
+    #[serde(default)]
+    pub auth: AuthKind,
     /// Only in the answer to an issue request that generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
@@ -277,6 +284,7 @@ fn view(broker: &Broker, grant: &Grant, live: Option<&LiveStatus>) -> TunnelView
         bytes_to_job: live.map_or(0, |l| l.bytes_to_job),
         bytes_from_job: live.map_or(0, |l| l.bytes_from_job),
         route: broker.route_state(grant.id()).as_str().into(),
+        auth: grant.auth(),
         private_key: None,
     }
 }
@@ -307,6 +315,7 @@ async fn issue(
         server_name: body.server_name,
         ttl: body.ttl_seconds.map(Duration::from_secs),
         public_key: body.public_key,
+        auth: body.auth,
     };
     match state.broker.issue(req).await {
         Ok(issued) => {

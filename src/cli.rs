@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::admin::TunnelView;
 use crate::config::Config;
+use crate::credentials::AuthKind;
 use crate::keys;
 use crate::secret::Secret;
 
@@ -94,8 +95,9 @@ impl Client {
         server: &str,
         ttl: Option<Duration>,
         public_key: Option<String>,
+        auth: AuthKind,
     ) -> anyhow::Result<TunnelView> {
-        let mut body = json!({"user": user, "server_name": server});
+        let mut body = json!({"user": user, "server_name": server, "auth": auth.as_str()});
         if let Some(ttl) = ttl {
             body["ttl_seconds"] = json!(ttl.as_secs());
         }
@@ -168,6 +170,10 @@ pub fn print_issued(t: &TunnelView, key_file: Option<&Path>) -> anyhow::Result<(
         (None, Some(_)) => {
             println!("key      not shown: pass --key-file PATH or --json to get the private key")
         }
+        (_, None) if t.auth == AuthKind::Certificate => println!(
+            "key      none: any valid certificate of the site's CA for {} publishes it (-R {}:127.0.0.1:NBPORT, or -R 0 when it is their only one waiting)",
+            t.user, t.port
+        ),
         (_, None) => println!("key      the job's own (public key given)"),
     }
     Ok(())

@@ -68,6 +68,14 @@ pub struct SshConfig {
     pub keepalive_max: usize,
     /// Failed authentications before a connection is dropped.
     pub max_auth_attempts: usize,
+    /// OpenSSH CA public keys (one per line) whose user certificates may publish tunnels issued
+    /// with `"auth": "certificate"`; reloaded on SIGHUP. None: certificates are refused.
+    pub trusted_user_ca_keys: Option<PathBuf>,
+    /// An OpenSSH KRL (`ssh-keygen -k`) of revoked certificates and keys; reloaded on SIGHUP,
+    /// and live sessions it now names are cut.
+    pub revoked_keys: Option<PathBuf>,
+    /// How a certificate principal names a JupyterHub user: `{user}` stands for the name.
+    pub certificate_principal: String,
 }
 
 impl Default for SshConfig {
@@ -80,6 +88,9 @@ impl Default for SshConfig {
             keepalive_interval: Duration::from_secs(15),
             keepalive_max: 3,
             max_auth_attempts: 6,
+            trusted_user_ca_keys: None,
+            revoked_keys: None,
+            certificate_principal: "{user}".into(),
         }
     }
 }

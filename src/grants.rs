@@ -52,6 +52,16 @@ impl Grant {
         &self.record.fingerprint
     }
 
+    /// Which kind of credential may publish it.
+    pub fn auth(&self) -> crate::credentials::AuthKind {
+        self.record.auth
+    }
+
+    /// Whether it has neither ended nor expired at unix time `now`.
+    pub fn active_at(&self, now: u64) -> bool {
+        self.ended().is_none() && now < self.expires_at()
+    }
+
     /// Unix seconds.
     pub fn created_at(&self) -> u64 {
         self.record.created_at
@@ -148,11 +158,26 @@ pub enum ForwardRefusal {
     /// Unix-socket forwards are never granted.
     #[error("unix socket forwarding is not allowed")]
     UnixSocket,
+    /// The tunnel's live session answered; a second one may not take it.
+    #[error("the tunnel is held by a live session")]
+    InUse,
+    /// A certificate login names no waiting certificate tunnel of its user at this port.
+    #[error("no certificate tunnel of this user waits on that port")]
+    NoTunnel,
+    /// `-R 0` from a certificate login whose user has several waiting tunnels.
+    #[error("several certificate tunnels wait for this user: name the port (-R PORT:...)")]
+    Ambiguous,
+    /// The certificate does not carry `permit-port-forwarding`.
+    #[error("the certificate does not permit port forwarding")]
+    NotPermitted,
+    /// `limits.max_sessions` tunnels are held already.
+    #[error("broker at capacity")]
+    OverCapacity,
 }
 
 impl ForwardRefusal {
     /// Every label `as_str` can return.
-    pub const LABELS: [&'static str; 7] = [
+    pub const LABELS: [&'static str; 12] = [
         "wrong_port",
         "not_loopback",
         "already_forwarding",
@@ -160,6 +185,11 @@ impl ForwardRefusal {
         "ended",
         "port_unavailable",
         "unix_socket",
+        "in_use",
+        "no_tunnel",
+        "ambiguous",
+        "not_permitted",
+        "over_capacity",
     ];
 
     /// Metric label.
@@ -172,6 +202,11 @@ impl ForwardRefusal {
             Self::Ended => "ended",
             Self::PortUnavailable => "port_unavailable",
             Self::UnixSocket => "unix_socket",
+            Self::InUse => "in_use",
+            Self::NoTunnel => "no_tunnel",
+            Self::Ambiguous => "ambiguous",
+            Self::NotPermitted => "not_permitted",
+            Self::OverCapacity => "over_capacity",
         }
     }
 }
@@ -209,16 +244,32 @@ pub struct Grants {
 }
 
 impl Grants {
-    /// Adds `grant`; refuses a key fingerprint another grant already holds.
+    /// Adds `grant`; refuses a key fingerprint another grant already holds. Certificate
+    /// tunnels have no key and are not indexed by one.
     pub fn insert(&self, grant: Arc<Grant>) -> Result<(), DuplicateKey> {
-        match self.by_fingerprint.entry(grant.fingerprint().to_owned()) {
-            Entry::Occupied(_) => return Err(DuplicateKey),
-            Entry::Vacant(v) => {
-                v.insert(grant.id().to_owned());
+        if grant.auth() == crate::credentials::AuthKind::Key {
+            match self.by_fingerprint.entry(grant.fingerprint().to_owned()) {
+                Entry::Occupied(_) => return Err(DuplicateKey),
+                Entry::Vacant(v) => {
+                    v.insert(grant.id().to_owned());
+                }
             }
         }
         self.by_id.insert(grant.id().to_owned(), grant);
         Ok(())
+    }
+
+    /// `user`'s active certificate tunnels at unix time `now`.
+    pub fn certificate_tunnels(&self, user: &str, now: u64) -> Vec<Arc<Grant>> {
+        self.by_id
+            .iter()
+            .filter(|g| {
+                g.auth() == crate::credentials::AuthKind::Certificate
+                    && g.user() == user
+                    && g.active_at(now)
+            })
+            .map(|g| Arc::clone(&g))
+            .collect()
     }
 
     /// The grant `id`.
@@ -300,6 +351,7 @@ mod tests {
             created_at: 0,
             expires_at,
             ended: None,
+            auth: Default::default(),
         }))
     }
 

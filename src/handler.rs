@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
+use russh::keys::Certificate;
 use russh::keys::HashAlg;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelOpenFailure};
@@ -13,6 +14,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::broker::{Broker, LoginRefusal};
+use crate::credentials::CertLogin;
 use crate::grants::{ForwardRefusal, Grant, check_forward};
 use crate::sessions::{LiveSession, SessionCtl};
 use crate::tunnels::{Link, Stats};
@@ -28,6 +30,10 @@ pub(crate) struct Handler {
     started: Instant,
     /// The credential whose key was accepted, until the login is settled.
     pending: Option<Arc<Grant>>,
+    /// A certificate login, until it is settled.
+    pending_cert: Option<CertLogin>,
+    /// The certificate this session logged in with; its tunnel is chosen at `-R` time.
+    cert: Option<CertLogin>,
     /// The credential this session logged in with; set once the login is settled.
     grant: Option<Arc<Grant>>,
     /// This session as the credential's holder.
@@ -38,6 +44,9 @@ pub(crate) struct Handler {
 
 impl Drop for Handler {
     fn drop(&mut self) {
+        if self.cert.is_some() {
+            self.broker.release_certificate(self.session_id);
+        }
         let Some(grant) = &self.grant else { return };
         self.broker.release(grant, self.session_id);
         let Some(link) = &self.link else { return };
@@ -77,6 +86,8 @@ impl Handler {
             authed: Some(authed),
             started,
             pending: None,
+            pending_cert: None,
+            cert: None,
             grant: None,
             live: None,
             link: None,
@@ -132,6 +143,48 @@ impl Handler {
                 live.disconnect(refusal.message());
             }
         }
+    }
+
+    /// Settles a certificate login: it holds no tunnel until its `-R` names one.
+    fn settle_certificate(&mut self, login: CertLogin, session: &mut Session) {
+        let metrics = self.broker.metrics();
+        let live = Arc::new(LiveSession::new(
+            self.session_id,
+            session.handle(),
+            self.peer,
+            Arc::clone(&self.ctl),
+        ));
+        info!(target: "audit", event = "connect", user = %login.user, key_id = %login.key_id, serial = login.serial, peer = %self.peer, auth = "certificate", "job logged in with a certificate");
+        metrics
+            .auth_attempts
+            .with_label_values(&["accepted", "certificate"])
+            .inc();
+        metrics
+            .handshake_duration
+            .observe(self.started.elapsed().as_secs_f64());
+        self.broker
+            .watch_certificate(Arc::clone(&live), login.clone());
+        self.cert = Some(login);
+        self.live = Some(live);
+        if let Some(tx) = self.authed.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// The tunnel this session publishes: its key's, or the one its certificate's `-R` picks.
+    async fn forward_grant(&mut self, port: u32) -> Result<Arc<Grant>, ForwardRefusal> {
+        if let Some(grant) = &self.grant {
+            return Ok(Arc::clone(grant));
+        }
+        let (Some(login), Some(live)) = (self.cert.clone(), self.live.clone()) else {
+            return Err(ForwardRefusal::NotAuthenticated);
+        };
+        let (grant, replaced) = self.broker.certificate_tunnel(&login, port, live).await?;
+        if let Some(old) = replaced {
+            info!(target: "audit", event = "session_replaced", tunnel = %grant.id(), user = %grant.user(), old_session = old.id, old_peer = %old.peer, peer = %self.peer, "the tunnel's previous session did not answer; this certificate login replaces it");
+        }
+        self.grant = Some(Arc::clone(&grant));
+        Ok(grant)
     }
 
     fn refuse(&self, kind: &'static str) {
@@ -193,6 +246,32 @@ impl russh::server::Handler for Handler {
         }
     }
 
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        match self
+            .broker
+            .authenticate_certificate(user, certificate, self.peer.ip())
+        {
+            Ok(login) => {
+                self.pending_cert = Some(login);
+                Ok(Auth::Accept)
+            }
+            Err(refusal) => {
+                warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, key_id = certificate.key_id(), serial = certificate.serial(), reason = refusal.as_str(), "certificate login refused: {refusal}");
+                self.broker.auth_failed(self.peer.ip());
+                self.broker
+                    .metrics()
+                    .auth_attempts
+                    .with_label_values(&["refused", refusal.as_str()])
+                    .inc();
+                Ok(Auth::reject())
+            }
+        }
+    }
+
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
         warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, reason = "password", "password login refused");
         self.broker.auth_failed(self.peer.ip());
@@ -207,6 +286,8 @@ impl russh::server::Handler for Handler {
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         if let Some(grant) = self.pending.take() {
             self.settle_login(grant, session).await;
+        } else if let Some(login) = self.pending_cert.take() {
+            self.settle_certificate(login, session);
         }
         Ok(())
     }
@@ -217,8 +298,12 @@ impl russh::server::Handler for Handler {
         port: &mut u32,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let (Some(grant), Some(live)) = (self.grant.clone(), self.live.clone()) else {
+        let Some(live) = self.live.clone() else {
             return self.forward_refused(ForwardRefusal::NotAuthenticated);
+        };
+        let grant = match self.forward_grant(*port).await {
+            Ok(g) => g,
+            Err(refusal) => return self.forward_refused(refusal),
         };
         // The request's own faults first, so the refusal names the real reason.
         let bind = self.broker.config().tunnels.bind_address;

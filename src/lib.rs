@@ -9,9 +9,11 @@
 //! - `limits`   per-source failed-login reporting
 //! - `preauth`  connections not logged in yet: bounded in total and per source
 //! - `sessions` one live login per credential, the liveness probe, telling a session to go
-//! - `grants`   per-job credentials: login and forward decisions (plain Rust)
+//! - `credentials` the credential seam: certificates from the site's CA, their KRL
+//! - `grants`   issued-key credentials: login and forward decisions (plain Rust)
 //! - `tunnels`  a listener per active grant, linked to the job's session
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
+//! - `reload`   SIGHUP: the credential files read again
 //! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
 //! - `chp`      configurable-http-proxy's REST API as a route backend
 //! - `names`    which JupyterHub user and server names are accepted (route-safe)
@@ -37,6 +39,7 @@ pub mod broker;
 pub mod chp;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod descriptors;
 pub mod grants;
 mod handler;
@@ -46,6 +49,7 @@ pub mod metrics;
 pub mod names;
 pub mod ports;
 pub mod preauth;
+pub mod reload;
 pub mod routes;
 pub mod secret;
 pub mod sessions;
@@ -125,6 +129,7 @@ pub async fn run(
     let ready = Arc::new(AtomicBool::new(false));
 
     let reaper = tokio::spawn(broker.clone().run_reaper(cancel.clone()));
+    let reloads = tokio::spawn(reload::on_hangup(broker.clone(), cancel.clone()));
     let routes = broker
         .routes()
         .cloned()
@@ -161,6 +166,7 @@ pub async fn run(
         );
     }
     let _ = reaper.await;
+    let _ = reloads.await;
     if let Some(r) = routes {
         let _ = r.await;
     }

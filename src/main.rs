@@ -63,6 +63,10 @@ enum Command {
         /// Use this OpenSSH public key file instead of a generated key.
         #[arg(long)]
         public_key: Option<PathBuf>,
+        /// "key" (a key for this tunnel alone) or "certificate" (any valid certificate of the
+        /// site's CA for the user publishes it; no key is issued).
+        #[arg(long, default_value = "key")]
+        auth: tunnelbot::credentials::AuthKind,
         /// Write the generated private key (0600) here, and the known_hosts line beside it.
         #[arg(long)]
         key_file: Option<PathBuf>,
@@ -170,6 +174,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             server,
             ttl,
             public_key,
+            auth,
             key_file,
             json,
             api,
@@ -183,7 +188,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let t = client.issue(&user, &server, ttl, public_key).await?;
+            let t = client.issue(&user, &server, ttl, public_key, auth).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&t)?)
             } else {

@@ -199,7 +199,12 @@ impl Metrics {
             "over_capacity",
         ];
         self.auth_attempts.with_label_values(&["accepted", "ok"]);
-        for r in refusals {
+        self.auth_attempts
+            .with_label_values(&["accepted", "certificate"]);
+        for r in refusals
+            .into_iter()
+            .chain(crate::credentials::CertRefusal::LABELS)
+        {
             self.auth_attempts.with_label_values(&["refused", r]);
         }
         self.forward_requests.with_label_values(&["granted", "ok"]);

@@ -94,6 +94,11 @@ impl LiveSession {
         tell_to_go(self.handle.clone(), Arc::clone(&self.ctl), reason);
     }
 
+    /// Resolves once the session has ended.
+    pub async fn ended(&self) {
+        self.ctl.ended.cancelled().await;
+    }
+
     /// Whether the client answers within `within`: a global request it must reply to is sent,
     /// and any byte read from it afterwards counts as the answer.
     pub async fn answers(&self, within: Duration) -> bool {

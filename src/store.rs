@@ -36,6 +36,9 @@ pub struct TunnelRecord {
     /// Set once the tunnel is revoked or has expired.
     #[serde(default)]
     pub ended: Option<Ended>,
+    /// The kind of credential that may publish it (records from before certificates: a key).
+    #[serde(default)]
+    pub auth: crate::credentials::AuthKind,
 }
 
 /// Why and when a tunnel ended.
@@ -149,6 +152,7 @@ mod tests {
             created_at: 1,
             expires_at: 2,
             ended: None,
+            auth: Default::default(),
         }
     }
 

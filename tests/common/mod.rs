@@ -43,6 +43,8 @@ pub struct TestBroker {
     pub token: String,
     pub tunnel_ip: IpAddr,
     pub http: reqwest::Client,
+    /// The broker itself, for what the admin API does not reach (a credential reload).
+    pub broker: tunnelbot::Broker,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -107,6 +109,7 @@ impl TestBroker {
             .trim()
             .to_owned();
         let (stop, stopped) = oneshot::channel::<()>();
+        let handle = broker.clone();
         let task = tokio::spawn(tunnelbot::run(broker, listeners, async move {
             let _ = stopped.await;
         }));
@@ -117,6 +120,7 @@ impl TestBroker {
             token,
             tunnel_ip,
             http: reqwest::Client::new(),
+            broker: handle,
             stop: Some(stop),
             task: Some(task),
         })

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
+use crate::credentials::{AuthKind, Authority, CertLogin};
 use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
@@ -20,6 +21,8 @@ use crate::secret::Secret;
 use crate::sessions::{Claim, LiveSession, Sessions};
 use crate::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
 use crate::tunnels::{Link, LiveStatus, Tunnels};
+
+mod certificates;
 
 /// Why a login whose key was valid was still turned away; the session is told the message.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,8 @@ pub struct IssueRequest {
     pub ttl: Option<Duration>,
     /// The job's own public key (OpenSSH one-line form); the broker makes one when None.
     pub public_key: Option<String>,
+    /// Which credential may publish it: an issued key, or the user's CA certificates.
+    pub auth: AuthKind,
 }
 
 /// A freshly issued tunnel.
@@ -119,6 +124,9 @@ struct Inner {
     ssh_port: u16,
     routes: Option<Routes>,
     failures: crate::limits::FailureLimiter,
+    authority: Authority,
+    /// Certificate logins, for cutting the ones a reloaded KRL or CA list withdraws.
+    cert_sessions: dashmap::DashMap<u64, (Arc<LiveSession>, CertLogin)>,
 }
 
 impl Broker {
@@ -160,6 +168,7 @@ impl Broker {
         };
         let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
         let sessions = Sessions::new(config.limits.liveness_probe_timeout);
+        let authority = Authority::load(&config.ssh)?;
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
@@ -173,6 +182,8 @@ impl Broker {
                 ssh_port,
                 failures,
                 routes,
+                authority,
+                cert_sessions: dashmap::DashMap::new(),
             }),
         };
         broker.restore().await?;
@@ -286,7 +297,72 @@ impl Broker {
                 humantime::format_duration(cfg.max_ttl)
             )));
         }
-        let (public, private_key) = match &req.public_key {
+        let id = new_id();
+        let (public_text, fingerprint, private_key) = match req.auth {
+            AuthKind::Key => self.key_material(req.public_key.as_deref())?,
+            AuthKind::Certificate => {
+                if req.public_key.is_some() {
+                    return Err(IssueError::BadRequest(
+                        "a certificate tunnel takes no public_key: the certificate is the key"
+                            .into(),
+                    ));
+                }
+                if !self.inner.authority.enabled() {
+                    return Err(IssueError::BadRequest(
+                        "certificate tunnels need ssh.trusted_user_ca_keys in the broker's config"
+                            .into(),
+                    ));
+                }
+                // Never a SHA256 fingerprint, so no key can ever match it.
+                (String::new(), format!("certificate:{id}"), None)
+            }
+        };
+
+        let now = unix_now();
+        let expires_at = now
+            .checked_add(ttl.as_secs())
+            .ok_or_else(|| IssueError::BadRequest("ttl_seconds is too large".into()))?;
+        let (port, listener) = self.inner.ports.reserve().map_err(IssueError::NoPort)?;
+        let record = TunnelRecord {
+            id,
+            user: req.user,
+            server_name: req.server_name,
+            port,
+            public_key: public_text,
+            fingerprint,
+            created_at: now,
+            expires_at,
+            ended: None,
+            auth: req.auth,
+        };
+        let grant = Arc::new(Grant::new(record.clone()));
+        if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
+            drop(listener);
+            self.inner.ports.release(port);
+            return Err(IssueError::BadRequest(
+                "this public key is already used by another tunnel".into(),
+            ));
+        }
+        if let Err(e) = self.persist(record).await {
+            self.inner.grants.remove(grant.id());
+            drop(listener);
+            self.inner.ports.release(port);
+            error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
+            return Err(IssueError::Store(e));
+        }
+        self.inner.tunnels.start(Arc::clone(&grant), Some(listener));
+        self.inner.metrics.tunnels_issued.inc();
+        self.update_port_gauge();
+        info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), generated_key = private_key.is_some(), auth = grant.auth().as_str(), "tunnel issued");
+        Ok(Issued { grant, private_key })
+    }
+
+    /// The job key of a key tunnel: the one given, or a fresh one (returned once, never kept).
+    fn key_material(
+        &self,
+        given: Option<&str>,
+    ) -> Result<(String, String, Option<Secret>), IssueError> {
+        let (public, private_key) = match given {
             Some(text) => {
                 let key = PublicKey::from_openssh(text.trim()).map_err(|e| {
                     IssueError::BadRequest(format!("public_key is not an OpenSSH public key: {e}"))
@@ -313,43 +389,7 @@ impl Broker {
             .to_openssh()
             .map_err(|e| IssueError::BadRequest(format!("public_key cannot be encoded: {e}")))?;
         let fingerprint = public.fingerprint(HashAlg::Sha256).to_string();
-
-        let now = unix_now();
-        let expires_at = now
-            .checked_add(ttl.as_secs())
-            .ok_or_else(|| IssueError::BadRequest("ttl_seconds is too large".into()))?;
-        let (port, listener) = self.inner.ports.reserve().map_err(IssueError::NoPort)?;
-        let record = TunnelRecord {
-            id: new_id(),
-            user: req.user,
-            server_name: req.server_name,
-            port,
-            public_key: public_text,
-            fingerprint,
-            created_at: now,
-            expires_at,
-            ended: None,
-        };
-        let grant = Arc::new(Grant::new(record.clone()));
-        if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
-            drop(listener);
-            self.inner.ports.release(port);
-            return Err(IssueError::BadRequest(
-                "this public key is already used by another tunnel".into(),
-            ));
-        }
-        if let Err(e) = self.persist(record).await {
-            self.inner.grants.remove(grant.id());
-            drop(listener);
-            self.inner.ports.release(port);
-            error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
-            return Err(IssueError::Store(e));
-        }
-        self.inner.tunnels.start(Arc::clone(&grant), Some(listener));
-        self.inner.metrics.tunnels_issued.inc();
-        self.update_port_gauge();
-        info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), generated_key = private_key.is_some(), "tunnel issued");
-        Ok(Issued { grant, private_key })
+        Ok((public_text, fingerprint, private_key))
     }
 
     /// Revokes tunnel `id`: refuses its key from now on, disconnects its session, frees its
@@ -632,6 +672,7 @@ mod tests {
             created_at: 0,
             expires_at,
             ended,
+            auth: Default::default(),
         };
         store
             .put(&record(
