@@ -200,7 +200,9 @@ def test_a_restarted_hub_polls_the_same_tunnel(broker: Broker, tmp_path: Path) -
 def test_broker_outage_does_not_kill_servers(broker: Broker, tmp_path: Path) -> None:
     spawner = make_spawner(broker, tmp_path, [])
     asyncio.run(spawner.start())
-    spawner.broker_url = "http://127.0.0.1:1"  # nothing listens there
-    assert asyncio.run(spawner.poll()) is None
-    spawner.broker_url = broker.admin_url
+    # The same server as seen by a hub whose broker cannot be reached (broker_url is config-only).
+    unreachable = make_spawner(broker, tmp_path, [], broker_url="http://127.0.0.1:1")  # nothing listens there
+    unreachable.load_state(spawner.get_state())
+    unreachable.proc = spawner.proc
+    assert asyncio.run(unreachable.poll()) is None
     asyncio.run(spawner.stop())
