@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the real-Slurm tests need, idempotently, on Debian (run as root, as CI does):
-# Debian's Slurm 22.05 (slurmctld, slurmd, client), munge and OpenSSH's sshd (the gateway
+# Debian's Slurm 22.05 (slurmctld, slurmd, client), munge, sudo (batchspawner's default
+# exec_prefix runs sbatch as the user with it) and OpenSSH's sshd (the gateway
 # topology's login node). Nothing is started or enabled: a policy-rc.d refuses every service
 # start during the install, and the units these packages enable are disabled afterwards. The
 # tests run every daemon themselves, in the foreground, by PID.
@@ -9,7 +10,7 @@
 set -euo pipefail
 
 need=()
-for tool in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge mungekey:munge sshd:openssh-server; do
+for tool in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge mungekey:munge sshd:openssh-server sudo:sudo; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${tool%%:*}" ] || need+=("${tool#*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -50,6 +51,10 @@ for account in tbjob tbgateway; do
         useradd --system --create-home --home-dir "/var/lib/$account" --shell /bin/sh "$account"
     fi
     chmod 0700 "$(getent passwd "$account" | cut -d: -f6)"
+    # No password, but not locked: sshd refuses a locked account even with a valid key.
+    if [ "$(getent shadow "$account" | cut -d: -f2)" != '*' ]; then
+        usermod -p '*' "$account"
+    fi
 done
 
 echo "setup-slurm: ok ($(/usr/sbin/slurmctld -V 2>/dev/null || echo slurmctld), munge $(dpkg-query -W -f '${Version}' munge 2>/dev/null))"

@@ -137,9 +137,17 @@ class Broker:
 
 
 def start_broker(
-    binary: str, workdir: Path, chp: str = "", extra_env: Optional[Dict[str, str]] = None, public_host: str = ""
+    binary: str,
+    workdir: Path,
+    chp: str = "",
+    extra_env: Optional[Dict[str, str]] = None,
+    public_host: str = "",
+    ssh_listen: str = "127.0.0.1:0",
 ) -> Broker:
-    """Run ``tunnelbot serve`` on 127.0.0.1:0 and wait (bounded) for its ready file."""
+    """Run ``tunnelbot serve`` on 127.0.0.1:0 and wait (bounded) for its ready file.
+
+    ``ssh_listen``: where jobs dial in (a test's own namespace-facing address, for example).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tunnelbot.toml"
     public = f'public_host = "{public_host}"\n' if public_host else ""
@@ -148,7 +156,7 @@ def start_broker(
         f'keys_dir = "{workdir / "keys"}"\n'
         f'state_dir = "{workdir / "state"}"\n'
         "[ssh]\n"
-        'listen = "127.0.0.1:0"\n'
+        f'listen = "{ssh_listen}"\n'
         f"{public}"
         "[tunnels]\n"
         'bind_address = "127.0.0.1"\n'

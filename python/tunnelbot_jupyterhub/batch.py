@@ -71,6 +71,8 @@ _SEALED_BATCH = (
 # PBS: 123.server, LSF/SGE/HTCondor: digits).
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.\[\]-]*$")
 
+_UNREACHABLE = "tunnelbot: the login node did not answer"
+
 _CLOCK = re.compile(r"^(?:(?:(\d+):)?(\d+):)?(\d+)$")
 _LSF = re.compile(r"^(?:(\d+):)?(\d+)$")
 
@@ -177,6 +179,19 @@ class TunnelbotBatchMixin(SpawnFormMixin, TunnelbotSpawnerMixin):
     _tunnelbot_bundle: Optional[str] = None
     _tunnelbot_job_id: str = ""
 
+    def user_env(self, env: Dict[str, str]) -> Dict[str, str]:
+        # batchspawner sets USER/HOME/SHELL from the hub's passwd; over ssh the job runs as the
+        # login account, which its login environment describes (the hub user may not exist here).
+        parent = getattr(super(), "user_env", None)
+        if self.submit_remote or parent is None:
+            return env
+        try:
+            pwd.getpwnam(self.user.name)
+        except KeyError:
+            return env
+        result: Dict[str, str] = parent(env)
+        return result
+
     # --- the job's command line and script --------------------------------------------
 
     @contextmanager
@@ -251,6 +266,37 @@ class TunnelbotBatchMixin(SpawnFormMixin, TunnelbotSpawnerMixin):
         self._tunnelbot_job_id = self.job_id
         self.log.info("tunnelbot: job %s submitted for %s", self.job_id, self._log_name)
         return str(self.job_id)
+
+    # --- scheduler commands ----------------------------------------------------------------
+
+    async def run_command(self, cmd: str, input: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> str:
+        """batchspawner's run_command, except that a cancelled call (hub shutdown) stays a
+        cancellation and an unreachable login node is "unknown", never "the job is gone"."""
+        proc = await asyncio.create_subprocess_shell(
+            cmd,
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await proc.communicate(input.encode() if input else None)
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+            raise
+        if proc.returncode != 0:
+            message = err.decode(errors="replace").strip()
+            if self.submit_remote and proc.returncode == 255:
+                raise RuntimeError(f"{_UNREACHABLE}: {message}")
+            self.log.error("tunnelbot: %s exited with %s: %s", cmd.split()[0], proc.returncode, message)
+            raise RuntimeError(message or f"exit status {proc.returncode}")
+        return out.decode(errors="replace").strip()
+
+    def state_isunknown(self) -> bool:
+        if str(self.job_status or "").startswith(_UNREACHABLE):
+            return True
+        return bool(super().state_isunknown())
 
     # --- failures the user can read ------------------------------------------------------
 

@@ -71,6 +71,12 @@ exit "$status"
         credential as a here-document; {{prologue}} starts with the job's environment.""",
     ).tag(config=True)
 
+    req_srun = Unicode(
+        "srun --export=ALL",
+        help="""Runs the job's command as a job step ('' for none). --export=ALL: the step gets the
+        environment the script exported (sbatch's --export would otherwise leave out PATH).""",
+    ).tag(config=True)
+
     # No space and no quote: the command is parsed by two shells over ssh (exec_prefix).
     batch_query_cmd = Unicode(
         "squeue -h -j {job_id} -o %T:%B",
