@@ -106,6 +106,7 @@ fn bench(c: &mut Criterion) {
     };
     let routes = Routes::new(
         client.clone(),
+        "/".into(),
         "127.0.0.1".into(),
         range,
         Duration::from_secs(3600),

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Checks everything under contrib/ against the real broker: the alert rules (promtool check
 # and unit tests), the metric and label names in the dashboard and the rules (against
-# src/metrics.rs), the systemd unit (systemd-analyze verify) and the production config
-# (`tunnelbot check`).
+# src/metrics.rs), the systemd unit (systemd-analyze verify), the production config
+# (`tunnelbot check`) and the nftables rule (loaded in a network namespace of its own:
+# nftables/check.sh).
 #
 #   TUNNELBOT_BIN=target/debug/tunnelbot bash contrib/check.sh
 #
@@ -198,6 +199,18 @@ if out="$(timeout 30 "$bin" check --config "$config" 2>&1)" && [ "$out" = "confi
 else
     indent <<<"$out"
     fail "tunnelbot check --config systemd/tunnelbot.toml"
+fi
+
+echo "== contrib: nftables rule (in a network namespace of its own)"
+rc=0
+out="$(timeout 120 bash "$contrib/nftables/check.sh" 2>&1)" || rc=$?
+indent <<<"$out"
+if [ "$rc" -eq 0 ]; then
+    pass "nftables/tunnelbot.nft: only the allowed users reach the reserved ports"
+elif [ "$rc" -eq 2 ] && ! is_root; then
+    note "nftables/check.sh needs root and nftables (scripts/setup.sh installs it): not run"
+else
+    fail "nftables/tunnelbot.nft (nftables/check.sh exit $rc)"
 fi
 
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, idempotently, on Debian (run as root, as CI does):
-# the OpenSSH client, Node + configurable-http-proxy 5.3.0 (into .deps/, not globally).
+# the OpenSSH client, Node + configurable-http-proxy 5.3.0 (into .deps/, not globally), and
+# nftables (contrib/nftables/check.sh loads the shipped rule in a network namespace).
 # Safe to run again: each step checks first and does nothing when already done.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -11,6 +12,7 @@ need_apt=()
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || need_apt+=(nftables)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}"
     if [ "$(id -u)" -ne 0 ]; then

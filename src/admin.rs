@@ -11,10 +11,24 @@
 //! | `GET /metrics` | no | Prometheus text; no user names, no secrets |
 //!
 //! The token is compared in constant time. Errors are `{"error": "..."}`.
+//!
+//! `serve` bounds what a client that connects and then goes slow can hold: at most
+//! `admin.max_connections` connections (more are closed at accept, so a flood cannot take the
+//! descriptors the tunnels need), `admin.header_timeout` to send each request's headers (an idle
+//! keep-alive connection included) and `admin.body_timeout` to send its body (then 408).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use axum::body::Body;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State};
@@ -26,7 +40,9 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::accept::AcceptErrors;
 use crate::broker::{Broker, IssueError, IssueRequest};
+use crate::config::AdminConfig;
 use crate::grants::Grant;
 use crate::tunnels::LiveStatus;
 
@@ -45,13 +61,97 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/tunnels", get(list).post(issue))
         .route("/api/v1/tunnels/{id}", get(show).delete(revoke))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let body_timeout = state.broker.config().admin.body_timeout;
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(api)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(body_timeout, read_body))
         .with_state(state)
+}
+
+/// Bound on a request body: an issue request with a public key is well under 1 KiB.
+const MAX_BODY: usize = 64 * 1024;
+
+/// How long open connections get to finish once the server stops.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Reads the whole body within `limit` before any handler runs, so a slow body never holds a
+/// handler, and the 408 names the setting.
+async fn read_body(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(_)) => error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body unreadable or over {MAX_BODY} bytes"),
+        ),
+        Err(_) => error(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received within admin.body_timeout",
+        ),
+    }
+}
+
+/// Serves `app` on `listener` (HTTP/1.1) until `stop`, with the limits of `config`; then gives
+/// open connections a short grace to finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    config: &AdminConfig,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(config.max_connections));
+    let connections = TaskTracker::new();
+    let mut errors = AcceptErrors::new("admin");
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_timeout);
+    loop {
+        let (socket, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(a) => {
+                    errors.accepted();
+                    a
+                }
+                Err(e) => {
+                    errors.pause(&e).await;
+                    continue;
+                }
+            },
+        };
+        // Over the cap the connection is closed at once: queueing it would hold its descriptor.
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "admin connection cap reached; closing");
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let conn =
+            http.serve_connection(TokioIo::new(socket), TowerToHyperService::new(app.clone()));
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(e) = result {
+                debug!(%peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(CLOSE_GRACE, connections.wait()).await;
 }
 
 /// A JSON error answer.

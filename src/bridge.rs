@@ -33,6 +33,7 @@ impl Bridge {
         // (russh.md §5), hence its own task and no timeout around it.
         let opened = self
             .link
+            .session
             .handle
             .channel_open_forwarded_tcpip(
                 self.link.bind_address.clone(),

@@ -1,5 +1,10 @@
 //! configurable-http-proxy's REST API as a route backend, and the hub's "restore your routes"
 //! call. CHP takes `Authorization: token <T>` (lowercase `token`; `Bearer` gets 403).
+//!
+//! Every route URL is built from the route's decoded path one segment at a time, each segment
+//! percent-escaped, and the finished URL's path is compared with the intended one before
+//! anything is sent: a URL parser folds `.`/`..` segments (`%2e` included), which once turned a
+//! request for `/user/..` into one for `/`. A path that does not survive unchanged is refused.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -9,7 +14,7 @@ use serde_json::Value;
 
 use crate::config::ChpConfig;
 use crate::keys::read_secret_file;
-use crate::routes::{BoxFuture, Route, RouteBackend};
+use crate::routes::{BoxFuture, Route, RouteBackend, escape};
 use crate::secret::Secret;
 
 /// Bound on one call to CHP or the hub, so a hung proxy cannot stall the route worker.
@@ -19,7 +24,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct ChpClient {
     http: reqwest::Client,
-    api_url: String,
+    api_url: reqwest::Url,
     token: Option<Secret>,
     hub: Option<(String, Secret)>,
 }
@@ -53,22 +58,58 @@ impl ChpClient {
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
             .build()?;
+        let api_url = reqwest::Url::parse(config.api_url.trim_end_matches('/'))
+            .with_context(|| format!("chp.api_url {:?}", config.api_url))?;
+        if api_url.cannot_be_a_base() || api_url.query().is_some() || api_url.fragment().is_some() {
+            bail!(
+                "chp.api_url {:?} must be a plain http(s) URL",
+                config.api_url
+            );
+        }
         Ok(Self {
             http,
-            api_url: config.api_url.trim_end_matches('/').to_owned(),
+            api_url,
             token,
             hub,
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self
-            .http
-            .request(method, format!("{}/api/routes{path}", self.api_url));
-        match &self.token {
+    /// `<api_url>/api/routes` followed by `path` (decoded, as CHP lists it), each segment
+    /// escaped. Refuses empty and all-dot segments, and any URL whose path a parser changed.
+    pub fn route_url(&self, path: &str) -> anyhow::Result<reqwest::Url> {
+        let mut intended = self.api_url.path().trim_end_matches('/').to_owned();
+        intended.push_str("/api/routes");
+        if !path.is_empty() {
+            let rest = path.strip_prefix('/').unwrap_or(path);
+            for segment in rest.split('/') {
+                if segment.is_empty() || segment.bytes().all(|b| b == b'.') {
+                    bail!("refusing route path {path:?}: empty or dot segment");
+                }
+                intended.push('/');
+                intended.push_str(&escape(segment));
+            }
+        }
+        let mut url = self.api_url.clone();
+        url.set_path(&intended);
+        if url.path() != intended {
+            bail!(
+                "refusing route path {path:?}: the URL path became {:?}, not {intended:?}",
+                url.path()
+            );
+        }
+        Ok(url)
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+    ) -> anyhow::Result<reqwest::RequestBuilder> {
+        let req = self.http.request(method, self.route_url(path)?);
+        Ok(match &self.token {
             Some(t) => req.header("Authorization", format!("token {}", t.expose())),
             None => req,
-        }
+        })
     }
 }
 
@@ -93,7 +134,7 @@ impl RouteBackend for ChpClient {
     fn list(&self) -> BoxFuture<'_, anyhow::Result<HashMap<String, Value>>> {
         Box::pin(async move {
             let resp = self
-                .request(reqwest::Method::GET, "")
+                .request(reqwest::Method::GET, "")?
                 .send()
                 .await
                 .context("GET /api/routes")?;
@@ -104,7 +145,7 @@ impl RouteBackend for ChpClient {
     fn put<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let resp = self
-                .request(reqwest::Method::POST, &route.escaped)
+                .request(reqwest::Method::POST, &route.path)?
                 .json(&route.data())
                 .send()
                 .await
@@ -114,10 +155,24 @@ impl RouteBackend for ChpClient {
         })
     }
 
-    fn delete<'a>(&'a self, escaped: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Value>>> {
         Box::pin(async move {
             let resp = self
-                .request(reqwest::Method::DELETE, escaped)
+                .request(reqwest::Method::GET, path)?
+                .send()
+                .await
+                .context("GET route")?;
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            Ok(Some(check(resp, "GET route").await?.json().await?))
+        })
+    }
+
+    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            let resp = self
+                .request(reqwest::Method::DELETE, path)?
                 .send()
                 .await
                 .context("DELETE route")?;
@@ -148,5 +203,48 @@ impl RouteBackend for ChpClient {
             }
             Ok(true)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(api_url: &str) -> ChpClient {
+        let config = ChpConfig {
+            api_url: api_url.into(),
+            ..ChpConfig::default()
+        };
+        ChpClient::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn route_urls_are_built_segment_by_segment() {
+        let c = client("http://127.0.0.1:8001");
+        let url = |p: &str| c.route_url(p).map(|u| u.to_string());
+        assert_eq!(url("").unwrap(), "http://127.0.0.1:8001/api/routes");
+        assert_eq!(
+            url("/user/a b@x.org/gpu").unwrap(),
+            "http://127.0.0.1:8001/api/routes/user/a%20b@x.org/gpu"
+        );
+        assert_eq!(
+            url("/user/a?b#c%2e").unwrap(),
+            "http://127.0.0.1:8001/api/routes/user/a%3Fb%23c%252e"
+        );
+        for hostile in [
+            "/user/..",
+            "/user/.",
+            "/user/alice/..",
+            "/user//x",
+            "/user/...",
+            "/",
+        ] {
+            assert!(url(hostile).is_err(), "{hostile:?} was built");
+        }
+        let c = client("http://127.0.0.1:8001/prefix/");
+        assert_eq!(
+            c.route_url("/user/x").unwrap().path(),
+            "/prefix/api/routes/user/x"
+        );
     }
 }

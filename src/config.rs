@@ -131,6 +131,15 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Allow `listen` on a non-loopback address.
     pub allow_non_loopback: bool,
+    /// Time a client has to send a request's headers (from its first byte, or from the end of
+    /// the previous response); then the connection is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a client has to send a request's body; then it gets 408.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -138,6 +147,9 @@ impl Default for AdminConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8090)),
             allow_non_loopback: false,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            max_connections: 64,
         }
     }
 }
@@ -185,18 +197,30 @@ impl Default for ChpConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// SSH connections held at once; more are closed at accept.
+    /// Logged-in SSH sessions at once (one per credential); a login beyond it is refused.
     pub max_sessions: usize,
     /// Connections in the handshake (not yet logged in) at once; more wait their turn, bounded
     /// by `login_grace`, so a job-array storm queues instead of failing.
     pub max_startups: usize,
+    /// Connections not yet logged in, queued or in the handshake, in total; at the bound the
+    /// oldest silent one (else the oldest) is closed to make room, so idle connections can
+    /// never keep a job out.
+    pub max_unauthenticated: usize,
+    /// The same bound per source address.
+    pub max_unauthenticated_per_source: usize,
     /// Time from TCP accept to a successful login; a silent client is dropped after it.
     #[serde(with = "humantime_serde")]
     pub login_grace: Duration,
+    /// A logged-in session that holds no forward for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub forward_grace: Duration,
+    /// How long a credential's live session gets to answer before a new login replaces it.
+    #[serde(with = "humantime_serde")]
+    pub liveness_probe_timeout: Duration,
     /// Hub-side connections carried at once by one tunnel; more are closed.
     pub max_connections_per_tunnel: usize,
-    /// Failed logins per source address per minute before its connections are turned away for
-    /// the rest of the minute; 0 disables.
+    /// Failed logins per source address per minute above which the source is reported (an audit
+    /// line and a metric, for fail2ban and alerts); 0 disables. Nobody is turned away for it.
     pub auth_failures_per_minute: u32,
 }
 
@@ -205,7 +229,11 @@ impl Default for LimitsConfig {
         Self {
             max_sessions: 20_000,
             max_startups: 512,
+            max_unauthenticated: 2048,
+            max_unauthenticated_per_source: 256,
             login_grace: Duration::from_secs(30),
+            forward_grace: Duration::from_secs(30),
+            liveness_probe_timeout: Duration::from_secs(3),
             max_connections_per_tunnel: 512,
             auth_failures_per_minute: 60,
         }
@@ -321,6 +349,14 @@ impl Config {
                 self.admin.listen
             );
         }
+        ensure!(
+            !self.admin.header_timeout.is_zero() && !self.admin.body_timeout.is_zero(),
+            "admin.header_timeout and admin.body_timeout must be above zero"
+        );
+        ensure!(
+            self.admin.max_connections > 0,
+            "admin.max_connections must be at least 1"
+        );
         ensure!(!self.ssh.user.is_empty(), "ssh.user must not be empty");
         ensure!(
             !self.ssh.keepalive_interval.is_zero(),
@@ -356,6 +392,14 @@ impl Config {
         ensure!(
             !l.login_grace.is_zero(),
             "limits.login_grace must be above zero"
+        );
+        ensure!(
+            l.max_unauthenticated > 0 && l.max_unauthenticated_per_source > 0,
+            "limits.max_unauthenticated and max_unauthenticated_per_source must be at least 1"
+        );
+        ensure!(
+            !l.forward_grace.is_zero() && !l.liveness_probe_timeout.is_zero(),
+            "limits.forward_grace and liveness_probe_timeout must be above zero"
         );
         ensure!(
             self.runtime.worker_threads <= 1024,

@@ -101,6 +101,9 @@ pub enum AuthRefusal {
     /// The key is valid but the SSH user name is not the configured one.
     #[error("wrong ssh user")]
     WrongUser,
+    /// The broker's own host key, which no job may log in with.
+    #[error("the broker's host key")]
+    HostKey,
 }
 
 impl AuthRefusal {
@@ -111,6 +114,7 @@ impl AuthRefusal {
             Self::Expired => "expired",
             Self::Revoked => "revoked",
             Self::WrongUser => "wrong_user",
+            Self::HostKey => "host_key",
         }
     }
 }
@@ -126,8 +130,8 @@ pub enum ForwardRefusal {
         /// The grant's port.
         reserved: u16,
     },
-    /// The request asked to listen on a non-loopback address.
-    #[error("bind address is not loopback")]
+    /// The request asked to listen on another address than the tunnels' bind address.
+    #[error("bind address is not the tunnels' loopback address")]
     NotLoopback,
     /// This session already holds the forward.
     #[error("this session already holds the forward")]
@@ -173,21 +177,25 @@ impl ForwardRefusal {
 }
 
 /// Checks a `tcpip-forward` request against the grant: port 0 or exactly the reserved port,
-/// and a bind address that means loopback. OpenSSH sends "localhost" when `-R` names none.
-pub fn check_forward(grant: &Grant, address: &str, port: u32) -> Result<(), ForwardRefusal> {
+/// and a bind address that names where the port really listens (`bind`), so the reply never
+/// claims an address the broker does not use. OpenSSH sends "localhost" when `-R` names none.
+pub fn check_forward(
+    grant: &Grant,
+    bind: std::net::IpAddr,
+    address: &str,
+    port: u32,
+) -> Result<(), ForwardRefusal> {
     if port != 0 && port != u32::from(grant.port()) {
         return Err(ForwardRefusal::WrongPort {
             requested: port,
             reserved: grant.port(),
         });
     }
-    let loopback = match address {
-        "localhost" => true,
-        other => other
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback()),
+    let ours = match address {
+        "localhost" => bind.is_loopback(),
+        other => other.parse::<std::net::IpAddr>() == Ok(bind),
     };
-    if !loopback {
+    if !ours {
         return Err(ForwardRefusal::NotLoopback);
     }
     Ok(())
@@ -337,24 +345,35 @@ mod tests {
     #[test]
     fn forward_requests() {
         let g = grant("a", "fp", 100);
-        for ok in [
-            ("localhost", 0),
-            ("127.0.0.1", 0),
-            ("127.0.0.1", 20005),
-            ("::1", 0),
-        ] {
-            assert_eq!(check_forward(&g, ok.0, ok.1), Ok(()), "{ok:?}");
+        let bind: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        for ok in [("localhost", 0), ("127.0.0.1", 0), ("127.0.0.1", 20005)] {
+            assert_eq!(check_forward(&g, bind, ok.0, ok.1), Ok(()), "{ok:?}");
         }
         assert!(matches!(
-            check_forward(&g, "localhost", 20006),
+            check_forward(&g, bind, "localhost", 20006),
             Err(ForwardRefusal::WrongPort { .. })
         ));
-        for bad in ["0.0.0.0", "", "*", "::", "10.1.2.3", "hub.example.org"] {
+        // Loopback addresses the port does not listen on would be echoed back as a lie.
+        for bad in [
+            "0.0.0.0",
+            "",
+            "*",
+            "::",
+            "::1",
+            "127.0.0.2",
+            "127.1.2.3",
+            "10.1.2.3",
+            "hub.example.org",
+        ] {
             assert_eq!(
-                check_forward(&g, bad, 0),
+                check_forward(&g, bind, bad, 0),
                 Err(ForwardRefusal::NotLoopback),
                 "{bad:?}"
             );
         }
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert_eq!(check_forward(&g, v6, "::1", 0), Ok(()));
+        assert_eq!(check_forward(&g, v6, "localhost", 0), Ok(()));
+        assert!(check_forward(&g, v6, "127.0.0.1", 0).is_err());
     }
 }

@@ -12,9 +12,9 @@ use russh::{Channel, ChannelOpenFailure};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, LoginRefusal};
 use crate::grants::{ForwardRefusal, Grant, check_forward};
-use crate::transport::KillSwitch;
+use crate::sessions::{LiveSession, SessionCtl};
 use crate::tunnels::{Link, Stats};
 
 /// One SSH connection's handler. Drop unlinks its forward, so a session's end always frees the
@@ -23,19 +23,24 @@ pub(crate) struct Handler {
     broker: Broker,
     peer: SocketAddr,
     session_id: u64,
-    kill: Arc<KillSwitch>,
+    ctl: Arc<SessionCtl>,
     authed: Option<oneshot::Sender<()>>,
     started: Instant,
+    /// The credential whose key was accepted, until the login is settled.
+    pending: Option<Arc<Grant>>,
+    /// The credential this session logged in with; set once the login is settled.
     grant: Option<Arc<Grant>>,
+    /// This session as the credential's holder.
+    live: Option<Arc<LiveSession>>,
     /// The forward this session holds, if any.
     link: Option<Arc<Link>>,
 }
 
 impl Drop for Handler {
     fn drop(&mut self) {
-        let (Some(grant), Some(link)) = (&self.grant, &self.link) else {
-            return;
-        };
+        let Some(grant) = &self.grant else { return };
+        self.broker.release(grant, self.session_id);
+        let Some(link) = &self.link else { return };
         let still_linked = self.broker.unlink(grant, self.session_id);
         let seconds = link.since.elapsed().unwrap_or_default().as_secs();
         info!(
@@ -60,7 +65,7 @@ impl Handler {
         broker: Broker,
         peer: SocketAddr,
         session_id: u64,
-        kill: Arc<KillSwitch>,
+        ctl: Arc<SessionCtl>,
         authed: oneshot::Sender<()>,
         started: Instant,
     ) -> Self {
@@ -68,11 +73,64 @@ impl Handler {
             broker,
             peer,
             session_id,
-            kill,
+            ctl,
             authed: Some(authed),
             started,
+            pending: None,
             grant: None,
+            live: None,
             link: None,
+        }
+    }
+
+    /// Settles a login the key check accepted: one live session per credential.
+    async fn settle_login(&mut self, grant: Arc<Grant>, session: &mut Session) {
+        let metrics = self.broker.metrics().clone();
+        let live = Arc::new(LiveSession::new(
+            self.session_id,
+            session.handle(),
+            self.peer,
+            Arc::clone(&self.ctl),
+        ));
+        match self.broker.claim(&grant, Arc::clone(&live)).await {
+            Ok(replaced) => {
+                if let Some(old) = replaced {
+                    info!(target: "audit", event = "session_replaced", tunnel = %grant.id(), user = %grant.user(), old_session = old.id, old_peer = %old.peer, peer = %self.peer, "the credential's previous session did not answer; this login replaces it");
+                }
+                info!(target: "audit", event = "connect", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), peer = %self.peer, fingerprint = %grant.fingerprint(), "job logged in");
+                metrics
+                    .auth_attempts
+                    .with_label_values(&["accepted", "ok"])
+                    .inc();
+                metrics
+                    .handshake_duration
+                    .observe(self.started.elapsed().as_secs_f64());
+                self.grant = Some(grant);
+                self.live = Some(live);
+                if let Some(tx) = self.authed.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Err(refusal) => {
+                if let LoginRefusal::InUse {
+                    holder,
+                    holder_peer,
+                } = &refusal
+                {
+                    warn!(target: "audit", event = "login_refused_in_use", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), peer = %self.peer, holder_session = holder, %holder_peer, "login refused: the credential's live session answered; possible stolen credential");
+                } else {
+                    warn!(target: "audit", event = "auth_refused", tunnel = %grant.id(), peer = %self.peer, reason = refusal.as_str(), "login refused: {refusal}");
+                }
+                metrics
+                    .auth_attempts
+                    .with_label_values(&["refused", refusal.as_str()])
+                    .inc();
+                // Into the write buffer right behind the auth success, so the client reads the
+                // reason before any answer to what it sends next; the spawned one cuts a client
+                // that does not leave.
+                let _ = session.disconnect(russh::Disconnect::ByApplication, refusal.message(), "");
+                live.disconnect(refusal.message());
+            }
         }
     }
 
@@ -116,24 +174,17 @@ impl russh::server::Handler for Handler {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let fingerprint = key.public_key.fingerprint(HashAlg::Sha256);
-        let metrics = self.broker.metrics();
         match self.broker.authenticate(user, key.public_key) {
             Ok(grant) => {
-                info!(target: "audit", event = "connect", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), peer = %self.peer, %fingerprint, "job logged in");
-                metrics
-                    .auth_attempts
-                    .with_label_values(&["accepted", "ok"])
-                    .inc();
-                metrics
-                    .handshake_duration
-                    .observe(self.started.elapsed().as_secs_f64());
-                self.grant = Some(grant);
+                // Not ours yet: `auth_succeeded` settles it against a live holder.
+                self.pending = Some(grant);
                 Ok(Auth::Accept)
             }
             Err(refusal) => {
                 warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, %fingerprint, reason = refusal.as_str(), "login refused: {refusal}");
                 self.broker.auth_failed(self.peer.ip());
-                metrics
+                self.broker
+                    .metrics()
                     .auth_attempts
                     .with_label_values(&["refused", refusal.as_str()])
                     .inc();
@@ -153,9 +204,9 @@ impl russh::server::Handler for Handler {
         Ok(Auth::reject())
     }
 
-    async fn auth_succeeded(&mut self, _session: &mut Session) -> Result<(), Self::Error> {
-        if let Some(tx) = self.authed.take() {
-            let _ = tx.send(());
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        if let Some(grant) = self.pending.take() {
+            self.settle_login(grant, session).await;
         }
         Ok(())
     }
@@ -164,25 +215,23 @@ impl russh::server::Handler for Handler {
         &mut self,
         address: &str,
         port: &mut u32,
-        session: &mut Session,
+        _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        let Some(grant) = self.grant.clone() else {
+        let (Some(grant), Some(live)) = (self.grant.clone(), self.live.clone()) else {
             return self.forward_refused(ForwardRefusal::NotAuthenticated);
         };
         // The request's own faults first, so the refusal names the real reason.
-        if let Err(refusal) = check_forward(&grant, address, *port) {
+        let bind = self.broker.config().tunnels.bind_address;
+        if let Err(refusal) = check_forward(&grant, bind, address, *port) {
             return self.forward_refused(refusal);
         }
         if self.link.is_some() {
             return self.forward_refused(ForwardRefusal::AlreadyForwarding);
         }
         let link = Arc::new(Link {
-            session_id: self.session_id,
-            handle: session.handle(),
+            session: live,
             bind_address: address.to_owned(),
-            peer: self.peer,
             since: SystemTime::now(),
-            kill: Arc::clone(&self.kill),
             bytes: Stats::default(),
         });
         match self
@@ -191,6 +240,7 @@ impl russh::server::Handler for Handler {
         {
             Ok(bound) => {
                 self.link = Some(link);
+                self.ctl.forwarding.send_replace(true);
                 // Setting the port makes russh append it to the reply of a `-R 0` request, so
                 // the client prints "Allocated port".
                 *port = u32::from(bound);
@@ -219,6 +269,7 @@ impl russh::server::Handler for Handler {
             return Ok(false);
         }
         self.link = None;
+        self.ctl.forwarding.send_replace(false);
         self.broker.unlink(&grant, self.session_id);
         info!(target: "audit", event = "forward_cancelled", tunnel = %grant.id(), peer = %self.peer, "forward cancelled by the job");
         Ok(true)

@@ -6,17 +6,22 @@
 //! - `keys`     keys folder: host key and admin token, permissions
 //! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam
 //! - `ports`    the hub port pool; a reservation is a bound listener
-//! - `limits`   per-source failed-login limiting
+//! - `limits`   per-source failed-login reporting
+//! - `preauth`  connections not logged in yet: bounded in total and per source
+//! - `sessions` one live login per credential, the liveness probe, telling a session to go
 //! - `grants`   per-job credentials: login and forward decisions (plain Rust)
 //! - `tunnels`  a listener per active grant, linked to the job's session
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
 //! - `chp`      configurable-http-proxy's REST API as a route backend
+//! - `names`    which JupyterHub user and server names are accepted (route-safe)
 //! - `broker`   issue / revoke / expire, keeping the above in step
 //! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
 //! - `transport` the session's socket: cut from outside (revoke, expiry), quick ACKs at login
 //! - `handler`  the thin russh handler: logins, the one forward, refusals
-//! - `admin`    the loopback HTTP API
+//! - `admin`    the loopback HTTP API, with header/body timeouts and a connection cap
+//! - `accept`   accept errors: back-off and rate-bounded warnings, for every accept loop
+//! - `descriptors` RLIMIT_NOFILE raised at start; a config that cannot fit is refused
 //! - `metrics`  the Prometheus registry passed to every component
 //! - `cli`      the admin commands, as a client of the admin API
 //! - `shutdown` signals
@@ -25,20 +30,25 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod accept;
 pub mod admin;
 mod bridge;
 pub mod broker;
 pub mod chp;
 pub mod cli;
 pub mod config;
+pub mod descriptors;
 pub mod grants;
 mod handler;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod names;
 pub mod ports;
+pub mod preauth;
 pub mod routes;
 pub mod secret;
+pub mod sessions;
 pub mod shutdown;
 pub mod ssh;
 pub mod store;
@@ -132,10 +142,9 @@ pub async fn run(
     // The admin API outlives the drain, so /readyz says 503 and /metrics stays readable meanwhile.
     let admin_cancel = CancellationToken::new();
     let admin_stop = admin_cancel.clone();
+    let admin_config = broker.config().admin.clone();
     let admin = tokio::spawn(async move {
-        axum::serve(listeners.admin, app)
-            .with_graceful_shutdown(async move { admin_cancel.cancelled().await })
-            .await
+        admin::serve(listeners.admin, app, &admin_config, admin_cancel).await;
     });
     ready.store(true, Ordering::Release);
     info!("ready");
@@ -156,10 +165,12 @@ pub async fn run(
         let _ = r.await;
     }
     admin_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(2), admin).await {
-        Ok(Ok(Err(e))) => warn!(error = %e, "admin server error"),
-        Ok(_) => {}
-        Err(_) => warn!("admin server did not stop in time"),
+    // serve() itself gives connections 2 s; this bounds the whole stop.
+    if tokio::time::timeout(Duration::from_secs(5), admin)
+        .await
+        .is_err()
+    {
+        warn!("admin server did not stop in time");
     }
     info!("stopped");
     Ok(())

@@ -1,5 +1,11 @@
-//! Per-source failed-login limiting: a source that fails too often in a minute is turned away
-//! at accept for the rest of that minute, before it costs a key exchange.
+//! Per-source failed-login reporting: a source that fails more than `per_minute` logins in a
+//! minute is reported once for that minute (an audit line and a metric, for fail2ban and alerts).
+//!
+//! Nobody is turned away for it. Jobs behind one NAT gateway or `ProxyJump` host share a source
+//! address, so a block would punish every job behind it for one client's failures, and there is
+//! nothing to guess: keys are 256-bit. What a failing client can cost is bounded elsewhere: each
+//! refusal is padded to a second, a connection gets `max_auth_attempts`, and unauthenticated
+//! connections are bounded per source and in total (`preauth.rs`).
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -26,10 +32,10 @@ impl FailureLimiter {
         }
     }
 
-    /// Counts one failed login from `ip`.
-    pub fn record_failure(&self, ip: IpAddr, now: Instant) {
+    /// Counts one failed login from `ip`; true when this failure crossed the limit (report it).
+    pub fn record_failure(&self, ip: IpAddr, now: Instant) -> bool {
         if self.per_minute == 0 {
-            return;
+            return false;
         }
         if self.windows.len() > SWEEP_AT {
             self.windows
@@ -40,15 +46,7 @@ impl FailureLimiter {
             *w = (now, 0);
         }
         w.1 = w.1.saturating_add(1);
-    }
-
-    /// Whether `ip` used up its failures in the current window.
-    pub fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
-        self.per_minute != 0
-            && self
-                .windows
-                .get(&ip)
-                .is_some_and(|w| now.duration_since(w.0) < WINDOW && w.1 >= self.per_minute)
+        w.1 == self.per_minute.saturating_add(1)
     }
 }
 
@@ -57,19 +55,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn blocks_after_the_limit_until_the_window_ends() {
+    fn reports_once_per_window_past_the_limit() {
         let l = FailureLimiter::new(3);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let t0 = Instant::now();
-        for _ in 0..2 {
-            l.record_failure(a, t0);
-        }
-        assert!(!l.blocked(a, t0));
-        l.record_failure(a, t0);
-        assert!(l.blocked(a, t0));
-        assert!(!l.blocked(b, t0), "other sources are not affected");
-        assert!(!l.blocked(a, t0 + WINDOW), "a new minute starts clean");
-        assert!(!FailureLimiter::new(0).blocked(a, t0));
+        let reports: Vec<bool> = (0..6).map(|_| l.record_failure(a, t0)).collect();
+        assert_eq!(reports, [false, false, false, true, false, false]);
+        assert!(!l.record_failure(b, t0), "other sources count apart");
+        let next: Vec<bool> = (0..4).map(|_| l.record_failure(a, t0 + WINDOW)).collect();
+        assert_eq!(
+            next,
+            [false, false, false, true],
+            "a new minute starts clean"
+        );
+        assert!(!FailureLimiter::new(0).record_failure(a, t0));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
-use tunnelbot::{Config, Listeners, cli, keys};
+use tunnelbot::{Config, Listeners, cli, descriptors, keys};
 
 mod heap;
 
@@ -117,6 +117,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Serve { check: false, .. } = args.command {
+        // Before the runtime exists, so its own descriptors come from the raised limit.
+        let available = match descriptors::raise() {
+            Ok(limit) => {
+                info!(soft = limit.soft, hard = limit.hard, "RLIMIT_NOFILE");
+                limit.soft
+            }
+            Err(e) => {
+                error!("cannot read or raise RLIMIT_NOFILE: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if let Err(e) = descriptors::check(&config, available) {
+            error!("invalid config: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     heap::tune();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.runtime.worker_threads > 0 {

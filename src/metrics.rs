@@ -194,6 +194,9 @@ impl Metrics {
             "revoked",
             "wrong_user",
             "password",
+            "host_key",
+            "in_use",
+            "over_capacity",
         ];
         self.auth_attempts.with_label_values(&["accepted", "ok"]);
         for r in refusals {
@@ -212,7 +215,7 @@ impl Metrics {
         ] {
             self.refused_requests.with_label_values(&[k]);
         }
-        for r in ["no_job", "over_capacity"] {
+        for r in ["no_job", "over_capacity", "client_cap"] {
             self.forwarded_connections_refused.with_label_values(&[r]);
         }
         for d in ["to_job", "from_job"] {
@@ -232,6 +235,8 @@ impl Metrics {
             "session",
             "over_capacity",
             "rate_limited",
+            "evicted",
+            "no_forward",
         ] {
             self.ssh_connection_errors.with_label_values(&[k]);
         }

@@ -4,9 +4,17 @@
 //! worker task applies changes as they happen (forward granted: add; tunnel ended: delete) and,
 //! every `reconcile_interval`, compares the proxy's whole table with the wanted set: missing or
 //! wrong routes are written again (a restarted CHP has an empty table) and routes that are ours
-//! but no longer wanted are deleted. A route is ours when its target is `target_host` and a port
-//! of our range: the range belongs to tunnelbot, so this holds across broker restarts without
-//! remembering anything, and routes pointing anywhere else are never touched.
+//! but no longer wanted are deleted.
+//!
+//! A route is ours only when all of these hold, and nothing else is ever deleted:
+//! - its data carries our marker `"tunnelbot": true` (written beside JupyterHub's keys, which
+//!   the hub's `check_routes` never compares, so it survives there);
+//! - its target is `target_host` and a port of our range (the range belongs to tunnelbot);
+//! - its path has the shape of a server route, `<base_url>user/<user>[/<server>]`, with names
+//!   that pass `names`: so `/`, `<base_url>hub/` and every other route are out of reach.
+//!
+//! The same shape check guards every write. Deleting a route when its tunnel ends first reads
+//! the route and leaves it alone unless it is ours: the hub may have written it since.
 //!
 //! Nothing here runs on the SSH path: a slow or dead proxy delays routes, never tunnels.
 
@@ -68,7 +76,13 @@ impl Route {
 
     /// The route data: the same keys JupyterHub writes, so the hub takes it for its own.
     pub fn data(&self) -> Value {
-        json!({"target": self.target, "jupyterhub": true, "user": self.user, "server_name": self.server_name})
+        json!({
+            "target": self.target,
+            "jupyterhub": true,
+            "user": self.user,
+            "server_name": self.server_name,
+            MARKER: true,
+        })
     }
 
     /// Whether the proxy's `entry` for this path already says what we would write.
@@ -77,7 +91,33 @@ impl Route {
             && entry.get("jupyterhub") == Some(&Value::Bool(true))
             && entry.get("user").and_then(Value::as_str) == Some(self.user.as_str())
             && entry.get("server_name").and_then(Value::as_str) == Some(self.server_name.as_str())
+            && marked(entry)
     }
+}
+
+/// The key in route data that says the broker wrote the route.
+pub const MARKER: &str = "tunnelbot";
+
+/// Whether route data carries our marker.
+pub fn marked(entry: &Value) -> bool {
+    entry.get(MARKER) == Some(&Value::Bool(true))
+}
+
+/// Whether `path` (decoded) is a server route under `base_url` whose names `names` accepts:
+/// the only paths the broker ever writes or deletes.
+pub fn server_route_path(base_url: &str, path: &str) -> bool {
+    let Some(rest) = path
+        .strip_prefix(base_url)
+        .and_then(|r| r.strip_prefix("user/"))
+    else {
+        return false;
+    };
+    let mut segments = rest.split('/');
+    let (Some(user), server, None) = (segments.next(), segments.next(), segments.next()) else {
+        return false;
+    };
+    crate::names::check_user(user).is_ok()
+        && server.is_none_or(|s| !s.is_empty() && crate::names::check_server(s).is_ok())
 }
 
 /// Percent-escapes a path segment as Python's `quote(v, safe='@~')` does (JupyterHub's escaping).
@@ -99,8 +139,10 @@ pub trait RouteBackend: Send + Sync + 'static {
     fn list(&self) -> BoxFuture<'_, anyhow::Result<HashMap<String, Value>>>;
     /// Writes (or overwrites) `route`.
     fn put<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, anyhow::Result<()>>;
-    /// Deletes the route at `escaped`; an absent route is success.
-    fn delete<'a>(&'a self, escaped: &'a str) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// The route at `path` (decoded), None when absent.
+    fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Value>>>;
+    /// Deletes the route at `path` (decoded); an absent route is success.
+    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, anyhow::Result<()>>;
     /// Asks the hub to restore its own routes (after a proxy restart); false if not configured.
     fn restore_hub(&self) -> BoxFuture<'_, anyhow::Result<bool>>;
 }
@@ -158,6 +200,7 @@ struct Inner {
     wanted: Mutex<HashMap<String, Wanted>>,
     ops: mpsc::UnboundedSender<Op>,
     ops_rx: Mutex<Option<mpsc::UnboundedReceiver<Op>>>,
+    base_url: String,
     target_host: String,
     range: PortRange,
     interval: Duration,
@@ -169,6 +212,7 @@ impl Routes {
     /// A route table over `backend`; nothing happens until `run` is spawned.
     pub fn new(
         backend: Arc<dyn RouteBackend>,
+        base_url: String,
         target_host: String,
         range: PortRange,
         interval: Duration,
@@ -181,6 +225,7 @@ impl Routes {
                 wanted: Mutex::default(),
                 ops,
                 ops_rx: Mutex::new(Some(rx)),
+                base_url,
                 target_host,
                 range,
                 interval,
@@ -277,7 +322,19 @@ impl Routes {
                 if self.winner(&route.path).is_some() {
                     return; // another live tunnel claims the path now
                 }
-                self.delete(&route.escaped, &route.path).await;
+                // Only if the route there is still ours: the hub may have rewritten it.
+                match self.inner.backend.get(&route.path).await {
+                    Ok(Some(entry)) if self.ours(&route.path, &entry) => {
+                        self.delete(&route.path).await;
+                    }
+                    Ok(Some(_)) => {
+                        info!(path = %route.path, "route is no longer ours; left alone");
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        warn!(path = %route.path, error = %format!("{e:#}"), "route lookup failed; the next reconcile removes it if it is ours");
+                    }
+                }
             }
         }
     }
@@ -312,6 +369,10 @@ impl Routes {
     }
 
     async fn put(&self, route: &Route) -> bool {
+        if !server_route_path(&self.inner.base_url, &route.path) {
+            warn!(path = %route.path, "refusing to write a route outside <base_url>user/<name>[/<server>]");
+            return false;
+        }
         let result = self.inner.backend.put(route).await;
         self.count("add", result.is_ok());
         if let Err(e) = &result {
@@ -320,8 +381,15 @@ impl Routes {
         result.is_ok()
     }
 
-    async fn delete(&self, escaped: &str, path: &str) {
-        let result = self.inner.backend.delete(escaped).await;
+    async fn delete(&self, path: &str) {
+        if !server_route_path(&self.inner.base_url, path) {
+            warn!(
+                path,
+                "refusing to delete a route outside <base_url>user/<name>[/<server>]"
+            );
+            return;
+        }
+        let result = self.inner.backend.delete(path).await;
         self.count("delete", result.is_ok());
         match result {
             Ok(()) => info!(target: "audit", event = "route_removed", path, "route removed"),
@@ -341,8 +409,12 @@ impl Routes {
         self.inner.metrics.chp_up.set(i64::from(ok));
     }
 
-    /// Whether `entry` is one of ours: it targets our host and a port of our range.
-    fn ours(&self, entry: &Value) -> bool {
+    /// Whether the route at `path` is one of ours: marked, at a server route path, and
+    /// targeting our host and a port of our range.
+    fn ours(&self, path: &str, entry: &Value) -> bool {
+        if !marked(entry) || !server_route_path(&self.inner.base_url, path) {
+            return false;
+        }
         let Some(target) = entry.get("target").and_then(Value::as_str) else {
             return false;
         };
@@ -393,8 +465,8 @@ impl Routes {
             }
         }
         for (path, entry) in &table {
-            if !by_path.contains_key(path) && self.ours(entry) {
-                self.delete(&escape_path(path), path).await;
+            if !by_path.contains_key(path) && self.ours(path, entry) {
+                self.delete(path).await;
             }
         }
         // No hub route: CHP restarted under the hub, which would not notice for minutes.
@@ -429,11 +501,6 @@ impl Routes {
     }
 }
 
-/// Escapes every segment of a decoded path (for deleting a route found in the table).
-fn escape_path(path: &str) -> String {
-    path.split('/').map(escape).collect::<Vec<_>>().join("/")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,13 +513,13 @@ mod tests {
             ("/user/alice", "/user/alice")
         );
         assert_eq!(r.target, "http://127.0.0.1:20001");
-        let r = Route::for_server("/jh/", "a b@x.org", "gpu 1", "127.0.0.1", 20001);
-        assert_eq!(r.path, "/jh/user/a b@x.org/gpu 1");
-        assert_eq!(r.escaped, "/jh/user/a%20b@x.org/gpu%201");
+        let r = Route::for_server("/jh/", "a b@x.org", "gpu-1", "127.0.0.1", 20001);
+        assert_eq!(r.path, "/jh/user/a b@x.org/gpu-1");
+        assert_eq!(r.escaped, "/jh/user/a%20b@x.org/gpu-1");
         assert_eq!(r.data()["jupyterhub"], true);
-        assert_eq!(r.data()["server_name"], "gpu 1");
+        assert_eq!(r.data()[MARKER], true);
+        assert_eq!(r.data()["server_name"], "gpu-1");
         assert_eq!(escape("é~_.-"), "%C3%A9~_.-");
-        assert_eq!(escape_path("/user/a b"), "/user/a%20b");
     }
 
     #[test]
@@ -465,5 +532,42 @@ mod tests {
         let mut unmarked = r.data();
         unmarked.as_object_mut().map(|o| o.remove("jupyterhub"));
         assert!(!r.matches(&unmarked));
+        let mut not_ours = r.data();
+        not_ours.as_object_mut().map(|o| o.remove(MARKER));
+        assert!(!r.matches(&not_ours));
+    }
+
+    #[test]
+    fn only_server_route_paths_are_touchable() {
+        for ok in [
+            "/user/alice",
+            "/user/a b@x.org/gpu-1",
+            "/user/hub",
+            "/user/x/hub",
+        ] {
+            assert!(server_route_path("/", ok), "{ok}");
+        }
+        assert!(server_route_path("/jh/", "/jh/user/alice/gpu"));
+        for bad in [
+            "/",
+            "",
+            "/hub",
+            "/hub/",
+            "/user",
+            "/user/",
+            "/user/..",
+            "/user/.",
+            "/user/alice/..",
+            "/user/alice/",
+            "/user/alice/gpu/x",
+            "/user//x",
+            "/services/x",
+            "/jh/user/alice",
+        ] {
+            assert!(!server_route_path("/", bad), "{bad:?}");
+        }
+        for bad in ["/jh/", "/jh/hub", "/jh/hub/", "/user/alice", "/jh/user/.."] {
+            assert!(!server_route_path("/jh/", bad), "{bad:?}");
+        }
     }
 }

@@ -16,7 +16,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::broker::Broker;
 use crate::handler::Handler;
-use crate::transport::{KillSwitch, Transport};
+use crate::preauth::{PreAuth, Ticket};
+use crate::sessions::{SessionCtl, tell_to_go};
+use crate::transport::Transport;
 
 /// How long a session gets to leave after "broker shutting down".
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -73,35 +75,42 @@ pub async fn serve(
     let config = Arc::new(server_config(&broker));
     let limits = broker.config().limits.clone();
     let startups = Arc::new(Semaphore::new(limits.max_startups));
+    let preauth = Arc::new(PreAuth::new(
+        limits.max_unauthenticated,
+        limits.max_unauthenticated_per_source,
+    ));
     let metrics = broker.metrics().clone();
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let (sock, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             r = listener.accept() => match r {
-                Ok(a) => a,
+                Ok(a) => {
+                    accept_errors.ok();
+                    a
+                }
                 Err(e) => {
-                    warn!(error = %e, "ssh accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    accept_errors.failed(&e, "ssh").await;
                     continue;
                 }
             },
         };
-        // Refused before any protocol work: a full house, or a source that keeps failing logins.
-        if tracker.len() >= limits.max_sessions {
+        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+        let ctl = Arc::new(SessionCtl::default());
+        // Room for the newcomer is made among connections that have not logged in; logged-in
+        // sessions are bounded apart (limits.max_sessions, at login).
+        let (ticket, evicted) = preauth.admit(
+            id,
+            peer.ip(),
+            Arc::clone(&ctl.activity),
+            Arc::clone(&ctl.kill),
+        );
+        if evicted > 0 {
             metrics
                 .ssh_connection_errors
-                .with_label_values(&["over_capacity"])
-                .inc();
-            debug!(%peer, "session cap reached; closing");
-            continue;
-        }
-        if broker.source_blocked(peer.ip()) {
-            metrics
-                .ssh_connection_errors
-                .with_label_values(&["rate_limited"])
-                .inc();
-            debug!(%peer, "too many failed logins from this source; closing");
-            continue;
+                .with_label_values(&["evicted"])
+                .inc_by(evicted as u64);
+            debug!(%peer, evicted, "unauthenticated connections at their bound; closed the idlest");
         }
         let conn = Connection {
             broker: broker.clone(),
@@ -109,12 +118,46 @@ pub async fn serve(
             shutdown: shutdown.clone(),
             startups: Arc::clone(&startups),
             login_grace: limits.login_grace,
+            forward_grace: limits.forward_grace,
         };
-        let id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
         let span = info_span!("session", id, %peer);
-        tracker.spawn(conn.run(sock, peer, id).instrument(span));
+        tracker.spawn(conn.run(sock, peer, id, ctl, ticket).instrument(span));
     }
     drop(listener);
+}
+
+/// Accept failures (out of descriptors and the like): a growing pause instead of a spin, and a
+/// warning at most every `WARN_EVERY` with the count of the ones not logged.
+#[derive(Default)]
+struct AcceptErrors {
+    pause: Duration,
+    last_warn: Option<Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    const FIRST_PAUSE: Duration = Duration::from_millis(5);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+
+    fn ok(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    async fn failed(&mut self, e: &std::io::Error, listener: &'static str) {
+        if self
+            .last_warn
+            .is_none_or(|t| t.elapsed() >= Self::WARN_EVERY)
+        {
+            warn!(listener, error = %e, suppressed = self.unlogged, "accept failed; backing off");
+            self.last_warn = Some(Instant::now());
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        self.pause = (self.pause * 2).clamp(Self::FIRST_PAUSE, Self::MAX_PAUSE);
+        tokio::time::sleep(self.pause).await;
+    }
 }
 
 struct Connection {
@@ -123,45 +166,68 @@ struct Connection {
     shutdown: CancellationToken,
     startups: Arc<Semaphore>,
     login_grace: Duration,
+    forward_grace: Duration,
 }
 
 impl Connection {
-    async fn run(self, sock: TcpStream, peer: SocketAddr, session_id: u64) {
+    async fn run(
+        self,
+        sock: TcpStream,
+        peer: SocketAddr,
+        session_id: u64,
+        ctl: Arc<SessionCtl>,
+        ticket: Ticket,
+    ) {
         let started = Instant::now();
         let _ = sock.set_nodelay(true);
-        let kill = Arc::new(KillSwitch::default());
-        let sock = Transport::new(sock, Arc::clone(&kill));
         let metrics = self.broker.metrics().clone();
         metrics.ssh_sessions_active.inc();
+        let _ended = EndedOnDrop(ctl.ended.clone());
+        let evicted = ticket.evicted().clone();
+        let mut ticket = Some(ticket);
         let (authed_tx, mut authed_rx) = oneshot::channel();
-        let handler = Handler::new(
-            self.broker.clone(),
-            peer,
-            session_id,
-            Arc::clone(&kill),
-            authed_tx,
-            started,
-        );
         let login_deadline = tokio::time::sleep(self.login_grace);
         tokio::pin!(login_deadline);
         let mut logged_in = false;
         let mut shutting_down = false;
-        // Waiting for a handshake slot counts against the login deadline too.
+        // Waiting for a handshake slot counts against the login deadline too. A client that
+        // speaks while it waits is marked, so idle ones are the first evicted.
         metrics.ssh_startups_waiting.inc();
-        let slot = tokio::select! {
-            p = Arc::clone(&self.startups).acquire_owned() => Some(p.ok()),
-            () = &mut login_deadline => None,
+        let mut spoke = false;
+        let slot = loop {
+            tokio::select! {
+                p = Arc::clone(&self.startups).acquire_owned() => break Some(p.ok()),
+                () = &mut login_deadline => break None,
+                () = evicted.cancelled() => break None,
+                r = sock.readable(), if !spoke => {
+                    spoke = true;
+                    if r.is_ok() {
+                        ctl.activity.saw_bytes();
+                    }
+                }
+            }
         };
         metrics.ssh_startups_waiting.dec();
         let Some(mut startup) = slot else {
-            debug!("no handshake slot within the login grace time");
-            metrics
-                .ssh_connection_errors
-                .with_label_values(&["login_timeout"])
-                .inc();
+            if !evicted.is_cancelled() {
+                debug!("no handshake slot within the login grace time");
+                metrics
+                    .ssh_connection_errors
+                    .with_label_values(&["login_timeout"])
+                    .inc();
+            }
             metrics.ssh_sessions_active.dec();
             return;
         };
+        let handler = Handler::new(
+            self.broker.clone(),
+            peer,
+            session_id,
+            Arc::clone(&ctl),
+            authed_tx,
+            started,
+        );
+        let sock = Transport::watched(sock, Arc::clone(&ctl.kill), Arc::clone(&ctl.activity));
         // The version exchange happens inside run_stream, so the login deadline covers it too.
         let running = tokio::select! {
             r = russh::server::run_stream(Arc::clone(&self.config), sock, handler) => r,
@@ -185,6 +251,10 @@ impl Connection {
             }
         };
         let handle = running.handle();
+        let mut forwarding = ctl.forwarding.subscribe();
+        let idle_deadline = tokio::time::sleep(self.forward_grace);
+        tokio::pin!(idle_deadline);
+        let mut idle_closed = false;
         let result = loop {
             tokio::select! {
                 r = &mut running => break r,
@@ -192,18 +262,31 @@ impl Connection {
                     // Err: the handler is gone, so the session is ending anyway.
                     logged_in = true;
                     startup = None;
+                    ticket = None;
+                    idle_deadline.as_mut().reset(tokio::time::Instant::now() + self.forward_grace);
                     let _ = r;
                 }
                 () = &mut login_deadline, if !logged_in => {
                     info!("no login within the login grace time; dropping");
                     metrics.ssh_connection_errors.with_label_values(&["login_timeout"]).inc();
                     logged_in = true;
-                    kill.kill();
+                    ctl.kill.kill();
+                }
+                r = forwarding.changed(), if logged_in && !idle_closed => {
+                    if r.is_ok() && !*forwarding.borrow_and_update() {
+                        idle_deadline.as_mut().reset(tokio::time::Instant::now() + self.forward_grace);
+                    }
+                }
+                () = &mut idle_deadline, if logged_in && !idle_closed && !*forwarding.borrow() => {
+                    info!("logged in but no forward within the forward grace time; closing");
+                    metrics.ssh_connection_errors.with_label_values(&["no_forward"]).inc();
+                    idle_closed = true;
+                    tell_to_go(handle.clone(), Arc::clone(&ctl), "no forward requested");
                 }
                 () = self.shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
                     let h = handle.clone();
-                    let k = Arc::clone(&kill);
+                    let k = Arc::clone(&ctl.kill);
                     tokio::spawn(async move {
                         let bye = h.disconnect(russh::Disconnect::ByApplication, "broker shutting down".into(), String::new());
                         let _ = tokio::time::timeout(SHUTDOWN_GRACE, bye).await;
@@ -214,6 +297,7 @@ impl Connection {
             }
         };
         drop(startup);
+        drop(ticket);
         metrics.ssh_sessions_active.dec();
         match result {
             Ok(()) => debug!("session closed"),
@@ -225,5 +309,14 @@ impl Connection {
                 debug!(error = %format!("{e:#}"), "session ended with an error");
             }
         }
+    }
+}
+
+/// Marks the session ended however the connection task leaves.
+struct EndedOnDrop(CancellationToken);
+
+impl Drop for EndedOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }

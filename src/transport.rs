@@ -10,8 +10,9 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -66,19 +67,46 @@ impl KillSwitch {
     }
 }
 
+/// What the peer has sent, counted where the session loop reads it: the one proof of life that
+/// a stalled or half-open peer cannot fake, since the kernel ACKs for a stopped process but only
+/// a running client sends.
+#[derive(Debug, Default)]
+pub struct Activity {
+    reads: AtomicU64,
+}
+
+impl Activity {
+    /// Reads that brought bytes so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Counts bytes seen outside the session loop (a connection still queued for a handshake).
+    pub fn saw_bytes(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The accepted TCP stream, wrapped for the session loop.
 pub struct Transport {
     inner: TcpStream,
-    kill: std::sync::Arc<KillSwitch>,
+    kill: Arc<KillSwitch>,
+    activity: Arc<Activity>,
     quickack_reads: u8,
 }
 
 impl Transport {
     /// Wraps `inner`; `kill` cuts it.
-    pub fn new(inner: TcpStream, kill: std::sync::Arc<KillSwitch>) -> Self {
+    pub fn new(inner: TcpStream, kill: Arc<KillSwitch>) -> Self {
+        Self::watched(inner, kill, Arc::default())
+    }
+
+    /// Wraps `inner`, counting the peer's reads in `activity`.
+    pub fn watched(inner: TcpStream, kill: Arc<KillSwitch>, activity: Arc<Activity>) -> Self {
         Self {
             inner,
             kill,
+            activity,
             quickack_reads: QUICKACK_READS,
         }
     }
@@ -118,6 +146,9 @@ impl AsyncRead for Transport {
         let polled = guarded(&this.kill, READ, cx, |cx| {
             Pin::new(&mut this.inner).poll_read(cx, buf)
         });
+        if buf.filled().len() > before {
+            this.activity.saw_bytes();
+        }
         if this.quickack_reads > 0 && matches!(polled, Poll::Ready(Ok(()))) {
             this.quickack_reads -= 1;
             if buf.filled().len() > before {
@@ -172,7 +203,6 @@ impl AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;

@@ -12,11 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
-use russh::Disconnect;
-use russh::server::Handle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -24,50 +21,18 @@ use crate::bridge::Bridge;
 use crate::grants::{ForwardRefusal, Grant};
 use crate::metrics::Metrics;
 use crate::ports::PortPool;
-use crate::transport::KillSwitch;
-
-/// Bound on sending a disconnect to a session whose loop may be stalled; after it, the
-/// transport socket is shut down under it.
-const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
+use crate::sessions::LiveSession;
 
 /// A live SSH session holding a tunnel's forward.
 pub struct Link {
-    /// Broker-wide session number.
-    pub session_id: u64,
-    /// Talks to the session loop.
-    pub handle: Handle,
+    /// The session.
+    pub session: Arc<LiveSession>,
     /// The exact address string the client sent; forwarded channels must echo it.
     pub bind_address: String,
-    /// The job's address.
-    pub peer: SocketAddr,
     /// When the forward was granted.
     pub since: SystemTime,
-    /// Hard stop for a stalled session.
-    pub kill: Arc<KillSwitch>,
     /// Bytes this session carried: hub clients to the job, and back.
     pub bytes: Stats,
-}
-
-impl Link {
-    /// Asks the client to go with `reason`, and cuts the transport if that does not happen soon.
-    pub fn disconnect(self: &Arc<Self>, reason: &'static str) {
-        let link = Arc::clone(self);
-        tokio::spawn(async move {
-            let sent =
-                link.handle
-                    .disconnect(Disconnect::ByApplication, reason.into(), String::new());
-            if timeout(DISCONNECT_GRACE, sent).await.is_err() {
-                warn!(
-                    session = link.session_id,
-                    "session did not take the disconnect; cutting it"
-                );
-            } else {
-                // Give the client the moment it needs to read the message before the cut.
-                tokio::time::sleep(DISCONNECT_GRACE).await;
-            }
-            link.kill.kill();
-        });
-    }
 }
 
 /// Byte and connection counts of one tunnel (since the broker started) or of one session.
@@ -164,16 +129,19 @@ impl Tunnels {
         if !tunnel.listening.load(Ordering::Acquire) {
             return Err(ForwardRefusal::PortUnavailable);
         }
-        let new_id = link.session_id;
+        let new_id = link.session.id;
         let previous = tunnel.link.send_replace(Some(link));
         match previous {
-            Some(old) if old.session_id != new_id => {
-                info!(target: "audit", event = "replaced", tunnel = %id, old_session = old.session_id, new_session = new_id, "newer connection replaces the stale one");
+            Some(old) if old.session.id != new_id => {
+                // The credential's newer session already won the login (sessions.rs), so the
+                // old one is on its way out; this only moves the forward.
+                info!(target: "audit", event = "replaced", tunnel = %id, old_session = old.session.id, new_session = new_id, "newer connection replaces the stale one");
                 self.metrics
                     .tunnel_revocations
                     .with_label_values(&["replaced"])
                     .inc();
-                old.disconnect("replaced by a newer connection for this credential");
+                old.session
+                    .disconnect("replaced by a newer connection for this credential");
             }
             Some(_) => {}
             None => self.metrics.tunnels_connected.inc(),
@@ -187,7 +155,7 @@ impl Tunnels {
             return false;
         };
         let detached = tunnel.link.send_if_modified(|slot| {
-            if slot.as_ref().is_some_and(|l| l.session_id == session_id) {
+            if slot.as_ref().is_some_and(|l| l.session.id == session_id) {
                 *slot = None;
                 true
             } else {
@@ -207,7 +175,7 @@ impl Tunnels {
         };
         if let Some(link) = tunnel.link.send_replace(None) {
             self.metrics.tunnels_connected.dec();
-            link.disconnect(reason);
+            link.session.disconnect(reason);
         }
         tunnel.cancel.cancel();
     }
@@ -215,7 +183,11 @@ impl Tunnels {
     /// The live side of tunnel `id`.
     pub fn status(&self, id: &str) -> Option<LiveStatus> {
         let tunnel = self.map.get(id)?;
-        let link = tunnel.link.borrow().as_ref().map(|l| (l.since, l.peer));
+        let link = tunnel
+            .link
+            .borrow()
+            .as_ref()
+            .map(|l| (l.since, l.session.peer));
         Some(LiveStatus {
             link,
             bytes_to_job: tunnel.stats.bytes_to_job.load(Ordering::Relaxed),

@@ -198,3 +198,118 @@ async fn list_health_and_metrics() -> anyhow::Result<()> {
     assert_eq!(broker.metric("tunnelbot_tunnels_issued_total").await?, 2.0);
     Ok(())
 }
+
+/// A broker whose `[admin]` table gets `keys` too.
+async fn broker_with_admin(keys: &'static str) -> anyhow::Result<TestBroker> {
+    TestBroker::start_text(move |dir, ip| {
+        let line = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+        let text = common::base_config(dir, ip, "");
+        anyhow::ensure!(text.contains(line), "base_config changed shape");
+        Ok(text.replace(line, &format!("{line}{keys}")) + "[chp]\nenabled = false\n")
+    })
+    .await
+}
+
+/// Reads until the server closes the connection (EOF or reset), bounded; returns what came.
+async fn until_closed(s: &mut tokio::net::TcpStream) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(common::WAIT, read_all).await?;
+    Ok(got)
+}
+
+/// `/readyz` on a fresh connection: Some(status), or None when the connection was refused.
+async fn readyz(broker: &TestBroker) -> Option<u16> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(common::WAIT)
+        .build()
+        .ok()?;
+    let r = client.get(broker.url("/readyz")).send().await.ok()?;
+    Some(r.status().as_u16())
+}
+
+/// Polls `/readyz` until it answers 200, bounded.
+async fn readyz_recovers(broker: &TestBroker) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while readyz(broker).await != Some(200) {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn slow_header_connections_are_cut_and_readyz_answers_meanwhile_and_after()
+-> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let broker = broker_with_admin("header_timeout = \"2s\"\nmax_connections = 256\n").await?;
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(broker.admin).await?;
+        // Headers begun and never finished.
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await?;
+        slow.push(s);
+    }
+    assert_eq!(readyz(&broker).await, Some(200), "readyz during the flood");
+    for s in &mut slow {
+        let got = until_closed(s).await?;
+        // Cut without an answer to the unfinished request.
+        assert!(!String::from_utf8_lossy(&got).contains("200 OK"), "{got:?}");
+    }
+    readyz_recovers(&broker).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_body_that_never_comes_gets_408() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let broker = broker_with_admin("body_timeout = \"1s\"\n").await?;
+    let mut s = tokio::net::TcpStream::connect(broker.admin).await?;
+    let head = format!(
+        "POST /api/v1/tunnels HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"user\"",
+        broker.token
+    );
+    s.write_all(head.as_bytes()).await?;
+    let got = String::from_utf8_lossy(&until_closed(&mut s).await?).into_owned();
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(got.contains("admin.body_timeout"), "{got}");
+    assert_eq!(broker.metric("tunnelbot_tunnels_issued_total").await?, 0.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once_and_readyz_returns_when_they_go()
+-> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let broker = broker_with_admin("max_connections = 4\nheader_timeout = \"1h\"\n").await?;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(tokio::net::TcpStream::connect(broker.admin).await?);
+    }
+    // Every connection past the cap is closed unanswered, as many as come.
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(broker.admin).await?;
+        let _ = s
+            .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        assert!(until_closed(&mut s).await?.is_empty());
+    }
+    drop(held);
+    readyz_recovers(&broker).await?;
+    Ok(())
+}

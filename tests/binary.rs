@@ -68,7 +68,9 @@ fn cli(config: &Path, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
 async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ip = common::unique_loopback();
-    let text = common::base_config(dir.path(), ip, "") + "[chp]\nenabled = false\n";
+    let text = common::base_config(dir.path(), ip, "")
+        + "[chp]\nenabled = false\n"
+        + common::PROCESS_LIMITS;
     let config = dir.path().join("tb.toml");
     std::fs::write(&config, text)?;
     let broker = common::BrokerProcess::start(dir.path(), &config).await?;
@@ -173,5 +175,71 @@ async fn cli_issue_list_revoke_and_state_survives_sigkill() -> anyhow::Result<()
         .find(|t| t["id"] == bob_id.as_str())
         .context("bob kept")?;
     assert_eq!(bob["state"], "revoked");
+    Ok(())
+}
+
+/// `tunnelbot serve` under `ulimit -n 256` (soft and hard): a config whose limits need more
+/// descriptors exits 64 and names the numbers to lower; one that fits starts and is ready.
+#[tokio::test]
+async fn serve_refuses_a_config_that_cannot_fit_the_descriptor_limit() -> anyhow::Result<()> {
+    let serve_limited = |dir: &Path, limits: &str| -> anyhow::Result<tokio::process::Child> {
+        let ip = common::unique_loopback();
+        let config = dir.join("tb.toml");
+        std::fs::write(
+            &config,
+            common::base_config(dir, ip, limits) + "[chp]\nenabled = false\n",
+        )?;
+        // bash's `ulimit -n` sets both limits, so the broker cannot raise past 256.
+        Ok(tokio::process::Command::new("bash")
+            .args(["-c", "ulimit -n 256 && exec \"$@\"", "bash", BIN, "serve"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(dir.join("ready.json"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?)
+    };
+
+    // The default limits (10000 ports, 20000 sessions, ...) cannot fit in 256.
+    let dir = tempfile::tempdir()?;
+    let child = serve_limited(dir.path(), "")?;
+    let out = tokio::time::timeout(common::WAIT, child.wait_with_output()).await??;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    for part in [
+        "file descriptors",
+        "only 256",
+        "tunnels.ports 10000",
+        "limits.max_sessions 20000",
+        "limits.max_startups 512",
+        "admin.max_connections 64",
+    ] {
+        assert!(err.contains(part), "{part:?} not in: {err}");
+    }
+    assert!(!dir.path().join("ready.json").exists());
+
+    // 10 ports + 50 sessions + 16 startups + 64 admin + 64 reserved = 204: it starts.
+    let dir = tempfile::tempdir()?;
+    let mut child = serve_limited(
+        dir.path(),
+        "ports = \"20000-20009\"\n[limits]\nmax_sessions = 50\nmax_startups = 16\n",
+    )?;
+    let ready = dir.path().join("ready.json");
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while !ready.exists() {
+        if let Some(status) = child.try_wait()? {
+            let out = child.wait_with_output().await?;
+            anyhow::bail!(
+                "exited early: {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not ready in time");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    child.kill().await?;
     Ok(())
 }

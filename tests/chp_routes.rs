@@ -1,5 +1,6 @@
 //! Routes in a real configurable-http-proxy follow the tunnels: added when the forward is up,
-//! removed when it ends, restored after a CHP restart, foreign routes left alone.
+//! removed when it ends, restored after a CHP restart, foreign routes left alone, and no name
+//! ever reaches the hub's own routes.
 
 mod common;
 
@@ -83,23 +84,23 @@ async fn revoke_and_expiry_remove_the_route() -> anyhow::Result<()> {
 async fn named_servers_under_a_base_url() -> anyhow::Result<()> {
     let chp = Chp::start().await?;
     let broker = TestBroker::with_chp(&chp, "/jh/").await?;
-    let issued = broker.issue("bob@example.org", "gpu 1", 600).await?;
+    let issued = broker.issue("bob b@example.org", "gpu-1", 600).await?;
     let notebook = http_backend("bob-gpu").await?;
     let _job = Ssh::job(&broker, &issued, notebook.port)?;
     let want = target(&broker, issued.port);
     let table = chp
-        .wait_route("/jh/user/bob@example.org/gpu 1", "registered", |r| {
+        .wait_route("/jh/user/bob b@example.org/gpu-1", "registered", |r| {
             r.is_some_and(|r| r["target"] == want.as_str())
         })
         .await?;
     assert_eq!(
-        table["/jh/user/bob@example.org/gpu 1"]["server_name"],
-        "gpu 1"
+        table["/jh/user/bob b@example.org/gpu-1"]["server_name"],
+        "gpu-1"
     );
-    let (status, body) = chp.get("/jh/user/bob@example.org/gpu%201/lab").await?;
+    let (status, body) = chp.get("/jh/user/bob%20b@example.org/gpu-1/lab").await?;
     assert_eq!(status, 200, "{body}");
     assert!(
-        body.starts_with("bob-gpu /jh/user/bob@example.org/gpu%201/lab"),
+        body.starts_with("bob-gpu /jh/user/bob%20b@example.org/gpu-1/lab"),
         "{body}"
     );
     Ok(())
@@ -119,11 +120,11 @@ async fn chp_restart_gets_routes_back_and_foreign_routes_are_left_alone() -> any
     chp.add_route("/foreign", json!({"target": "http://127.0.0.1:9"}))
         .await?;
     chp.add_route("/user/zed", json!({"target": "http://127.0.0.1:9", "jupyterhub": true, "user": "zed", "server_name": ""})).await?;
-    // A stale route of ours (our host, a port in our range, no tunnel): removed.
+    // A stale route of ours (our marker, our host, a port in our range, no tunnel): removed.
     let stale = format!("http://{}:29999", broker.tunnel_ip);
     chp.add_route(
         "/user/ghost",
-        json!({"target": stale, "jupyterhub": true, "user": "ghost", "server_name": ""}),
+        json!({"target": stale, "jupyterhub": true, "user": "ghost", "server_name": "", "tunnelbot": true}),
     )
     .await?;
     chp.wait_route("/user/ghost", "removed as stale", |r| r.is_none())
@@ -197,7 +198,9 @@ async fn reconnect_keeps_the_route_on_the_same_port() -> anyhow::Result<()> {
     let first = Ssh::job(&broker, &issued, notebook.port)?;
     chp.wait_route("/user/erin", "registered", |r| r.is_some())
         .await?;
-    // Newest wins: a second connection replaces the first without the route changing.
+    // The first session freezes (a network cut looks the same); the job's reconnect replaces
+    // it without the route changing.
+    first.signal("STOP")?;
     let second = Ssh::job(&broker, &issued, notebook.port)?;
     second.allocated_port().await?;
     for _ in 0..10 {
@@ -213,6 +216,7 @@ async fn reconnect_keeps_the_route_on_the_same_port() -> anyhow::Result<()> {
         r.is_some_and(|r| r["target"] == want.as_str())
     })
     .await?;
+    first.signal("CONT")?;
     drop(first);
     Ok(())
 }
@@ -287,5 +291,136 @@ async fn a_restarted_chp_without_the_hub_route_makes_the_broker_ask_the_hub() ->
         .await?
         .expect("hub called again");
     assert!(again.starts_with("POST /hub/api/proxy"), "{again}");
+    Ok(())
+}
+
+/// The hub's route as JupyterHub 6 writes it (`add_hub_route`): `/` under base_url "/".
+fn hub_route() -> Value {
+    json!({"target": "http://127.0.0.1:8081", "jupyterhub": true, "hub": true})
+}
+
+/// Waits until the broker has finished `n` more reconcile passes (each lists CHP's table).
+async fn reconcile_passes(broker: &TestBroker, n: f64) -> anyhow::Result<()> {
+    let lists = "tunnelbot_route_operations_total{op=\"list\",result=\"ok\"}";
+    let seen = broker.metric(lists).await?;
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while broker.metric(lists).await? < seen + n {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "reconcile passes stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn hostile_names_are_refused_and_the_hub_route_survives_them_and_a_tunnels_end()
+-> anyhow::Result<()> {
+    let chp = Chp::start().await?;
+    chp.add_route("/", hub_route()).await?;
+    chp.add_route(
+        "/hub",
+        json!({"target": "http://127.0.0.1:8081", "extra": true}),
+    )
+    .await?;
+    let broker = TestBroker::with_chp(&chp, "/").await?;
+    let before = chp.routes().await?;
+    let hostile: &[(&str, &str, &str)] = &[
+        (".", "", "dots"),
+        ("..", "", "dots"),
+        ("...", "", "dots"),
+        ("%2e%2e", "", "dots"),
+        (".%2E", "", "dots"),
+        ("../hub", "", "'/'"),
+        ("alice/..", "", "'/'"),
+        ("a\u{202E}b", "", "bidirectional"),
+        ("\u{200B}", "", "zero-width"),
+        ("a\u{FEFF}", "", "zero-width"),
+        ("a\rb", "", "control"),
+        (" ..", "", "white space"),
+        ("Alice", "", "lower case"),
+        ("alice", ".", "dots"),
+        ("alice", "..", "dots"),
+        ("alice", "../..", "server name rule"),
+        ("alice", "%2e%2e", "server name rule"),
+        ("alice", "a\u{2066}", "bidirectional"),
+        ("..", "..", "dots"),
+    ];
+    for (user, server, why) in hostile {
+        let (status, body) = broker
+            .api(
+                reqwest::Method::POST,
+                "/api/v1/tunnels",
+                Some(json!({"user": user, "server_name": server, "ttl_seconds": 600})),
+            )
+            .await?;
+        assert_eq!(status, 400, "{user:?}/{server:?} was issued: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{user:?}/{server:?}: {error}");
+    }
+    // A real tunnel comes and goes; the reconcile pass runs meanwhile.
+    let issued = broker.issue("alice", "", 600).await?;
+    let notebook = http_backend("alice-nb").await?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
+    chp.wait_route("/user/alice", "registered", |r| r.is_some())
+        .await?;
+    job.child.kill().await?;
+    chp.wait_route("/user/alice", "removed", |r| r.is_none())
+        .await?;
+    reconcile_passes(&broker, 3.0).await?;
+    let after = chp.routes().await?;
+    for path in ["/", "/hub"] {
+        let mut was = before[path].clone();
+        let mut is = after[path].clone();
+        // CHP restamps last_activity on traffic; every key the hub wrote is unchanged.
+        for v in [&mut was, &mut is] {
+            v.as_object_mut().map(|o| o.remove("last_activity"));
+        }
+        assert_eq!(was, is, "{path} changed: {after}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_route_without_our_marker_is_never_deleted() -> anyhow::Result<()> {
+    let chp = Chp::start().await?;
+    chp.add_route("/", hub_route()).await?;
+    let broker = TestBroker::with_chp(&chp, "/").await?;
+    // Our target shape exactly (our host, a port of our range, JupyterHub's keys), no marker.
+    let foreign = json!({
+        "target": format!("http://{}:29999", broker.tunnel_ip),
+        "jupyterhub": true,
+        "user": "mallory",
+        "server_name": "",
+    });
+    chp.add_route("/user/mallory", foreign.clone()).await?;
+    // The same at the path of a tunnel that then ends: the end leaves the hub's write alone.
+    let issued = broker.issue("nina", "", 600).await?;
+    let notebook = http_backend("nina-nb").await?;
+    let mut job = Ssh::job(&broker, &issued, notebook.port)?;
+    let want = target(&broker, issued.port);
+    chp.wait_route("/user/nina", "registered with our marker", |r| {
+        r.is_some_and(|r| r["tunnelbot"] == true)
+    })
+    .await?;
+    reconcile_passes(&broker, 3.0).await?;
+    assert!(chp.routes().await?.get("/user/mallory").is_some());
+    job.child.kill().await?;
+    chp.wait_route("/user/nina", "removed", |r| r.is_none())
+        .await?;
+    // The hub writes nina's route again (its check_routes "Adding missing route"), unmarked.
+    chp.add_route(
+        "/user/nina",
+        json!({"target": want, "jupyterhub": true, "user": "nina", "server_name": ""}),
+    )
+    .await?;
+    reconcile_passes(&broker, 3.0).await?;
+    let table = chp.routes().await?;
+    assert!(table.get("/user/nina").is_some(), "{table}");
+    let mut left = table["/user/mallory"].clone();
+    left.as_object_mut().map(|o| o.remove("last_activity"));
+    assert_eq!(left, foreign);
+    assert!(table.get("/").is_some(), "{table}");
     Ok(())
 }

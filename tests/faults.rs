@@ -265,7 +265,9 @@ async fn an_unwritable_store_fails_issuing_clearly_and_live_tunnels_keep_working
 -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ip = common::unique_loopback();
-    let text = common::base_config(dir.path(), ip, "") + "[chp]\nenabled = false\n";
+    let text = common::base_config(dir.path(), ip, "")
+        + "[chp]\nenabled = false\n"
+        + common::PROCESS_LIMITS;
     let config = tunnelbot::Config::parse(&text)?;
     let listeners = tunnelbot::Listeners::bind(&config).await?;
     let (ssh, admin) = (listeners.ssh_addr()?, listeners.admin_addr()?);
@@ -323,7 +325,7 @@ async fn an_unwritable_store_fails_issuing_clearly_and_live_tunnels_keep_working
             .text()
             .await?,
         "tunnelbot_ports_free",
-    );
+    )?;
     assert_eq!(free, 9999.0);
     // The live tunnel is unaffected.
     assert_eq!(
@@ -348,7 +350,8 @@ async fn sigkill_with_100_live_tunnels_then_restart_brings_every_tunnel_back() -
     let text = common::base_config(dir.path(), ip, "").replace(
         "listen = \"127.0.0.1:0\"\n[admin]",
         &format!("listen = \"127.0.0.1:{ssh_port}\"\n[admin]"),
-    ) + "[chp]\nenabled = false\n";
+    ) + "[chp]\nenabled = false\n"
+        + common::PROCESS_LIMITS;
     let config = dir.path().join("tb.toml");
     std::fs::write(&config, text)?;
     let mut broker = common::BrokerProcess::start(dir.path(), &config).await?;

@@ -123,26 +123,38 @@ async fn handshakes_beyond_max_startups_wait_their_turn() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-async fn connections_beyond_max_sessions_are_closed_at_accept() -> anyhow::Result<()> {
+async fn logins_beyond_max_sessions_are_refused_and_waiting_connections_do_not_count()
+-> anyhow::Result<()> {
     let broker = broker_with_limits("max_sessions = 1").await?;
+    // Connections that never log in use no logged-in room...
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(TcpStream::connect(broker.ssh).await?);
+    }
     let issued = broker.issue("only", "", 600).await?;
     let notebook = echo("").await?;
     let job = Ssh::job(&broker, &issued, notebook.port)?;
-    job.allocated_port().await?;
-    let mut extra = TcpStream::connect(broker.ssh).await?;
-    let got = read_until_closed(&mut extra).await?;
-    assert!(got.is_empty(), "closed before any protocol: {got:?}");
+    assert_eq!(job.allocated_port().await?, issued.port);
+    // ...while a second credential's login finds the room taken.
+    let other = broker.issue("second", "", 600).await?;
+    let mut late = Ssh::job(&broker, &other, notebook.port)?;
+    assert_eq!(late.exit_code().await?, 255);
     assert!(
+        late.stderr().contains("broker at capacity"),
+        "{}",
+        late.stderr()
+    );
+    assert_eq!(
         broker
-            .metric("tunnelbot_ssh_connection_errors_total{kind=\"over_capacity\"}")
-            .await?
-            >= 1.0
+            .metric("tunnelbot_auth_attempts_total{reason=\"over_capacity\",result=\"refused\"}")
+            .await?,
+        1.0
     );
     Ok(())
 }
 
 #[tokio::test]
-async fn a_source_that_keeps_failing_logins_is_turned_away() -> anyhow::Result<()> {
+async fn failures_from_a_shared_source_never_turn_its_valid_jobs_away() -> anyhow::Result<()> {
     let broker = broker_with_limits("auth_failures_per_minute = 2").await?;
     let issued = broker.issue("victim", "", 600).await?;
     let rogue = keygen(broker.dir.path(), "rogue")?;
@@ -153,24 +165,61 @@ async fn a_source_that_keeps_failing_logins_is_turned_away() -> anyhow::Result<(
         &issued.known_hosts,
         "tunnelbot",
     ));
-    for _ in 0..2 {
+    // Another client behind the same address (a NAT gateway, a ProxyJump host) fails often...
+    for _ in 0..6 {
         let (code, err) = ssh_run(&args).await?;
         assert_eq!(code, 255);
         assert!(err.contains("Permission denied"), "{err}");
     }
-    let (code, err) = ssh_run(&args).await?;
-    assert_eq!(code, 255);
-    assert!(
-        !err.contains("Permission denied"),
-        "turned away before authentication: {err}"
-    );
-    assert!(
+    // ...which is reported once for the minute...
+    assert_eq!(
         broker
             .metric("tunnelbot_ssh_connection_errors_total{kind=\"rate_limited\"}")
-            .await?
-            >= 1.0
+            .await?,
+        1.0
     );
+    // ...and costs the job behind the same address nothing.
+    let notebook = echo("ok:").await?;
+    let job = Ssh::job(&broker, &issued, notebook.port)?;
+    assert_eq!(job.allocated_port().await?, issued.port);
     Ok(())
+}
+
+#[tokio::test]
+async fn idle_connections_from_the_jobs_own_address_cannot_keep_it_out() -> anyhow::Result<()> {
+    // Before logged-in sessions were bounded apart, fifty silent connections held a room of
+    // eight and turned every job away.
+    let broker = broker_with_limits("max_sessions = 8\nmax_unauthenticated_per_source = 8").await?;
+    // A flood of silent connections from the address the job dials from...
+    let mut flood = Vec::new();
+    for _ in 0..50 {
+        flood.push(TcpStream::connect(broker.ssh).await?);
+    }
+    // ...keeps at most eight of them, and the job gets in.
+    job_still_works(&broker).await?;
+    assert!(
+        broker
+            .metric("tunnelbot_ssh_connection_errors_total{kind=\"evicted\"}")
+            .await?
+            >= 42.0
+    );
+    drop(flood);
+    job_still_works(&broker).await
+}
+
+#[tokio::test]
+async fn idle_connections_from_many_addresses_cannot_keep_a_job_out() -> anyhow::Result<()> {
+    let broker = broker_with_limits("max_sessions = 16\nmax_unauthenticated = 16").await?;
+    let mut flood = Vec::new();
+    for i in 0..64u8 {
+        // Other loopback addresses stand in for many hosts.
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::from(([127, 0, 1, 1 + i % 32], 0)))?;
+        flood.push(sock.connect(broker.ssh).await?);
+    }
+    job_still_works(&broker).await?;
+    drop(flood);
+    job_still_works(&broker).await
 }
 
 #[tokio::test]

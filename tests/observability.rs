@@ -170,7 +170,9 @@ async fn json_log_of_a_full_run() -> anyhow::Result<(Vec<Value>, String, Issued,
     let config = dir.path().join("tb.toml");
     std::fs::write(
         &config,
-        common::base_config(dir.path(), ip, "") + "[chp]\nenabled = false\n",
+        common::base_config(dir.path(), ip, "")
+            + "[chp]\nenabled = false\n"
+            + common::PROCESS_LIMITS,
     )?;
     let ready = dir.path().join("ready.json");
     let log = dir.path().join("broker.log");

@@ -62,36 +62,6 @@ async fn exact_reserved_port_is_accepted() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn reconnect_gets_the_same_port_and_newest_session_wins() -> anyhow::Result<()> {
-    let broker = TestBroker::start("").await?;
-    let issued = broker.issue("carol", "", 600).await?;
-    let first_nb = echo("first:").await?;
-    let second_nb = echo("second:").await?;
-    let mut first = Ssh::job(&broker, &issued, first_nb.port)?;
-    assert_eq!(first.allocated_port().await?, issued.port);
-    let hub_side = SocketAddr::new(broker.tunnel_ip, issued.port);
-    assert_eq!(roundtrip(hub_side, b"x", 7).await?, b"first:x");
-
-    // The job reconnects while its old connection is still up: the newest wins at once.
-    let second = Ssh::job(&broker, &issued, second_nb.port)?;
-    assert_eq!(second.allocated_port().await?, issued.port);
-    assert_eq!(first.exit_code().await?, 255);
-    assert!(
-        first.stderr().contains("replaced by a newer connection"),
-        "{}",
-        first.stderr()
-    );
-    assert_eq!(roundtrip(hub_side, b"y", 8).await?, b"second:y");
-    assert!(
-        broker
-            .metric("tunnelbot_tunnel_revocations_total{reason=\"replaced\"}")
-            .await?
-            >= 1.0
-    );
-    Ok(())
-}
-
-#[tokio::test]
 async fn dropped_connection_reconnects_to_the_same_port() -> anyhow::Result<()> {
     let broker = TestBroker::start("").await?;
     let issued = broker.issue("dave", "", 600).await?;
@@ -241,7 +211,10 @@ async fn every_offered_cipher_carries_a_tunnel() -> anyhow::Result<()> {
         "chacha20-poly1305@openssh.com",
         "aes128-ctr",
     ] {
-        let issued = broker.issue("ciph", cipher, 600).await?;
+        // Server names are slugs (JupyterHub 6): the cipher name with its "@" and "." as "-".
+        let issued = broker
+            .issue("ciph", &cipher.replace(['@', '.'], "-"), 600)
+            .await?;
         let job = Ssh::reverse(
             &broker,
             &issued,

@@ -594,6 +594,10 @@ class Tunnelbot:
                 'listen = "127.0.0.1:%d"' % admin_port,
                 "[limits]",
                 "max_sessions = 20000",
+                # Every benchmark client dials from 127.0.0.1: one source, as a whole cluster
+                # behind one NAT would be. OpenSSH's side has no such bound.
+                "max_unauthenticated = 20000",
+                "max_unauthenticated_per_source = 20000",
                 "[chp]",
                 "enabled = false",
                 "",

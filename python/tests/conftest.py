@@ -142,11 +142,15 @@ def start_broker(
     chp: str = "",
     extra_env: Optional[Dict[str, str]] = None,
     public_host: str = "",
-    ssh_listen: str = "127.0.0.1:0",
+    ssh_port: int = 0,
+    admin_port: int = 0,
+    ssh_host: str = "127.0.0.1",
 ) -> Broker:
-    """Run ``tunnelbot serve`` on 127.0.0.1:0 and wait (bounded) for its ready file.
+    """Run ``tunnelbot serve`` on 127.0.0.1 and wait (bounded) for its ready file.
 
-    ``ssh_listen``: where jobs dial in (a test's own namespace-facing address, for example).
+    Ports 0 (the default) let the OS pick; a restart passes the ports (and ``workdir``, with the
+    keys and state) of the broker it replaces. ``ssh_host``: where jobs dial in (a test's own
+    namespace-facing address, for example).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tunnelbot.toml"
@@ -156,19 +160,23 @@ def start_broker(
         f'keys_dir = "{workdir / "keys"}"\n'
         f'state_dir = "{workdir / "state"}"\n'
         "[ssh]\n"
-        f'listen = "{ssh_listen}"\n'
+        f'listen = "{ssh_host}:{ssh_port}"\n'
         f"{public}"
         "[tunnels]\n"
         'bind_address = "127.0.0.1"\n'
         "[admin]\n"
-        'listen = "127.0.0.1:0"\n'
+        f'listen = "127.0.0.1:{admin_port}"\n'
         f"{chp_section}"
+        # The default limits need ~30,700 descriptors; a test host's hard limit may be lower.
+        "[limits]\n"
+        "max_sessions = 1000\n"
     )
     ready = workdir / "ready.json"
+    ready.unlink(missing_ok=True)  # a restart must not read the last run's
     log = workdir / "broker.log"
     env = {**os.environ, **(extra_env or {})}
     env.setdefault("RUST_LOG", "info")
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:  # a restart appends to the same log
         proc = subprocess.Popen(
             [binary, "serve", "--config", str(config), "--ready-file", str(ready)],
             stdout=out,

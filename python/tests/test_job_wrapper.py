@@ -3,18 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
+import shlex
 import signal
 import stat
 import subprocess
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
-from conftest import WRAPPER, Broker, http_get, pid_alive, python_http_server, ssh_children, stop_process, wait_for
-from tunnelbot_jupyterhub import BrokerClient, Tunnel
+from conftest import (
+    WRAPPER,
+    Broker,
+    descendants,
+    http_get,
+    pid_alive,
+    python_http_server,
+    ssh_children,
+    start_broker,
+    stop_process,
+    wait_for,
+)
+from tunnelbot_jupyterhub import BrokerClient, Tunnel, heredoc, render_bundle
+from tunnelbot_jupyterhub.spawner import describe_exit
 
 
 def client(broker: Broker) -> BrokerClient:
@@ -32,9 +47,13 @@ def current(broker: Broker, tunnel: Tunnel) -> Tunnel:
 
 
 class Job:
-    """The wrapper around a stand-in notebook (python's http.server), as a batch job runs it."""
+    """The wrapper around a stand-in notebook (python's http.server), as a batch job runs it.
 
-    def __init__(self, broker: Broker, tunnel: Tunnel, tmp: Path, **env: str) -> None:
+    With ``bundle``, the job script hands the wrapper its credential in a here-document
+    (``--credential -``), as the batch spawners do; else the deprecated environment inputs.
+    """
+
+    def __init__(self, broker: Broker, tunnel: Tunnel, tmp: Path, bundle: Optional[str] = None, **env: str) -> None:
         self.site = tmp / "site"
         self.site.mkdir(parents=True)
         self.secret = secrets.token_hex(8)
@@ -43,20 +62,31 @@ class Job:
         self.tmpdir.mkdir()
         self.stderr = tmp / "job.err"
         assert tunnel.private_key
-        full_env = {
-            "PATH": os.environ["PATH"],
-            "TMPDIR": str(self.tmpdir),
-            "TUNNELBOT_KEY": tunnel.private_key,
-            "TUNNELBOT_KNOWN_HOSTS": tunnel.known_hosts,  # as the broker gives it: "[*]:port key"
-            "TUNNELBOT_HOST": "127.0.0.1",
-            "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
-            "TUNNELBOT_SSH_USER": tunnel.ssh_user,
-            "TUNNELBOT_PORT": str(tunnel.port),
-            **env,
-        }
+        full_env = {"PATH": os.environ["PATH"], "TMPDIR": str(self.tmpdir)}
+        notebook = python_http_server(self.site)
+        if bundle is None:
+            full_env.update(
+                {
+                    "TUNNELBOT_KEY": tunnel.private_key,
+                    "TUNNELBOT_KNOWN_HOSTS": tunnel.known_hosts,  # as the broker gives it: "[*]:port key"
+                    "TUNNELBOT_HOST": "127.0.0.1",
+                    "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
+                    "TUNNELBOT_SSH_USER": tunnel.ssh_user,
+                    "TUNNELBOT_PORT": str(tunnel.port),
+                }
+            )
+            argv = ["/bin/sh", str(WRAPPER), *notebook]
+        else:
+            script = tmp / "job.sh"
+            script.write_text(
+                "#!/bin/sh\n" + shlex.join(["exec", "/bin/sh", str(WRAPPER), "--credential", "-", *notebook]) + " " + heredoc(bundle)
+            )
+            script.chmod(0o700)
+            argv = ["/bin/sh", str(script)]
+        full_env.update(env)
         with open(self.stderr, "wb") as err:
             self.proc = subprocess.Popen(
-                ["/bin/sh", str(WRAPPER), *python_http_server(self.site)],
+                argv,
                 env=full_env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -70,8 +100,6 @@ class Job:
         return list(self.tmpdir.glob("tunnelbot.*/key"))
 
     def children(self) -> List[int]:
-        from conftest import descendants
-
         return list(descendants(self.proc.pid))
 
     def wait_exit(self, timeout: float) -> int:
@@ -101,8 +129,8 @@ def get_through_tunnel(port: int, job: Job, timeout: float = 20) -> bytes:
 def job_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     jobs: List[Job] = []
 
-    def make(broker: Broker, tunnel: Tunnel, **env: str) -> Job:
-        job = Job(broker, tunnel, tmp_path / f"job{len(jobs)}", **env)
+    def make(broker: Broker, tunnel: Tunnel, bundle: Optional[str] = None, **env: str) -> Job:
+        job = Job(broker, tunnel, tmp_path / f"job{len(jobs)}", bundle, **env)
         jobs.append(job)
         return job
 
@@ -149,15 +177,91 @@ def test_tunnel_carries_bytes_survives_ssh_death_and_cleans_up(broker: Broker, j
     assert current(broker, tunnel).state == "active"
 
 
-def test_revoked_tunnel_makes_the_wrapper_give_up(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+def notebook_pids(job: Job) -> List[int]:
+    """The stand-in notebook's processes (http.server), not the wrapper's own helpers."""
+    found = []
+    for pid in descendants(job.proc.pid):
+        try:
+            if b"http.server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_revoked_tunnel_makes_the_wrapper_stop_with_77(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    """The broker's "credential revoked" disconnect is final: no retries, the notebook is stopped."""
     tunnel = issue(broker)
-    job = job_factory(broker, tunnel, TUNNELBOT_MAX_ATTEMPTS="2", TUNNELBOT_MAX_BACKOFF="1")
+    job = job_factory(broker, tunnel, render_bundle(tunnel, "127.0.0.1", [], max_attempts=1000))
     wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
     children = job.children()
     assert asyncio.run(client(broker).revoke(tunnel.id))
-    assert job.wait_exit(30) == 69
-    assert "giving up" in job.log()
+    assert job.wait_exit(30) == 77
+    assert "the broker refused the credential" in job.log() and "credential revoked" in job.log()
+    assert "reconnecting" not in job.log()
+    assert "refused the credential" in describe_exit(77)
     wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the notebook and ssh to exit")
+    assert list(job.tmpdir.iterdir()) == []
+
+
+def test_refused_login_makes_the_wrapper_stop_with_77(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    """A credential the broker no longer takes: ssh's "Permission denied (publickey" is final."""
+    tunnel = issue(broker)
+    assert asyncio.run(client(broker).revoke(tunnel.id))
+    job = job_factory(broker, tunnel, render_bundle(tunnel, "127.0.0.1", []))
+    assert job.wait_exit(30) == 77
+    assert "Permission denied (publickey" in job.log() and "reconnecting" not in job.log()
+    assert list(job.tmpdir.iterdir()) == []
+
+
+def test_broker_outage_longer_than_the_old_give_up_time(tunnelbot_bin: str, tmp_path: Path, job_factory) -> None:  # type: ignore[no-untyped-def]
+    """A stopped broker is retried past the old 10-attempt limit; once it is back (same ports and
+    state), the tunnel is up again within 15 s and the notebook never noticed."""
+    broker = start_broker(tunnelbot_bin, tmp_path / "broker")
+    try:
+        tunnel = issue(broker)
+        assert tunnel.expires_at  # so the wrapper retries until then, whatever max_attempts says
+        job = job_factory(broker, tunnel, render_bundle(tunnel, "127.0.0.1", [], max_backoff=1))
+        wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+        assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+        notebook = notebook_pids(job)
+        assert notebook
+
+        stop_process(broker.proc)
+        before = job.log().count("reconnecting in")
+        # More failed attempts in a row than the old limit of 10.
+        wait_for(
+            lambda: job.log().count("reconnecting in") - before >= 12,
+            60,
+            "12 failed attempts while the broker is down",
+            interval=0.1,
+            detail=job.log,
+        )
+        assert job.proc.poll() is None, job.log()
+        assert all(pid_alive(p) for p in notebook)
+        assert "broker shutting down" in job.log()  # told apart from a refusal
+
+        admin_port = int(broker.admin_url.rsplit(":", 1)[1])
+        broker = start_broker(tunnelbot_bin, broker.dir, ssh_port=broker.ssh_port, admin_port=admin_port)
+        wait_for(lambda: current(broker, tunnel).connected, 15, "the tunnel to be connected again", interval=0.1, detail=job.log)
+        assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+        assert job.proc.poll() is None and all(pid_alive(p) for p in notebook)
+    finally:
+        stop_process(broker.proc)
+
+
+def test_retrying_stops_at_the_credentials_expiry(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    tunnel = issue(broker)
+    stop_process(broker.proc)  # unreachable from the start
+    soon = datetime.now(timezone.utc) + timedelta(seconds=3)
+    expiring = dataclasses.replace(tunnel, expires_at=soon.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    job = job_factory(broker, tunnel, render_bundle(expiring, "127.0.0.1", [], max_backoff=1, max_attempts=1000))
+    children = job.children()
+    assert job.wait_exit(30) == 69
+    log = job.log()
+    assert "reconnecting in" in log  # retried until then
+    assert f"the credential expired at {int(soon.timestamp())}; giving up" in log
+    wait_for(lambda: not any(pid_alive(p) for p in children), 10, "the notebook to exit")
     assert list(job.tmpdir.iterdir()) == []
 
 
@@ -205,3 +309,26 @@ def test_ssh_starts_the_key_re_exchanges(broker: Broker, job_factory, tmp_path: 
     assert "RekeyLimit=512M 30m" in args
     # AES-GCM first: about half the broker's CPU per byte of chacha20-poly1305.
     assert any(a.startswith("Ciphers=aes128-gcm@openssh.com,") for a in args)
+
+
+def test_bundle_from_a_job_script_with_the_real_broker(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    """The spawners' way: render_bundle, a here-document in the job script, `--credential -`."""
+    tunnel = issue(broker)
+    job = job_factory(broker, tunnel, render_bundle(tunnel, "127.0.0.1", ["ServerAliveInterval=5"]))
+    wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+    assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+    assert f"forwarding hub port {tunnel.port} (tunnel {tunnel.id})" in job.log()
+    keys = job.key_files()
+    assert len(keys) == 1 and stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+    # Neither the wrapper's nor the notebook's environment holds the key.
+    secret = (tunnel.private_key or "").splitlines()[1]
+    for pid in [job.proc.pid, *job.children()]:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:  # gone meanwhile
+            continue
+        assert secret.encode() not in environ and secret.encode() not in cmdline
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait_exit(20) == 143
+    assert list(job.tmpdir.iterdir()) == []

@@ -131,7 +131,7 @@ def make_stack(tmp_path: Path, tunnelbot_bin: str, cluster: SlurmCluster, gatewa
         chp_api = f"http://127.0.0.1:{ports['api']}"
         # Jobs dial the broker across the veth: its SSH listener is on the hub side's address.
         broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api,
-                              extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token}, ssh_listen=f"{HUB_ADDR}:0")
+                              extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token}, ssh_host=HUB_ADDR)
         topology = (
             "# Gateway topology: sbatch on the login node, as one shared account.\n"
             f"c.TunnelbotSlurmSpawner.exec_prefix = {gateway.exec_prefix!r}\n"

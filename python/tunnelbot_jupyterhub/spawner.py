@@ -40,7 +40,7 @@ _WRAPPER_EXITS = {
     64: "tunnelbot-job refused its inputs: no or a malformed credential (see the job's log)",
     69: "tunnelbot-job could not bring the tunnel up: the broker is unreachable or refused the job's key "
     "(see the job's log for ssh's error)",
-    77: "the broker refused the job's credential (revoked, expired, or held by another live session)",
+    77: "the broker refused the credential (tunnel revoked, expired or unknown)",
     126: "the job command is not executable",
     127: "a command was not found: the job wrapper (tunnelbot-job) or the notebook command is not on the "
     "job's PATH; set c.TunnelbotSpawnerMixin.job_wrapper to an absolute path",

@@ -47,6 +47,10 @@ pub struct TestBroker {
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// Appended to configs of the broker binary: the default limits need about 30,700 descriptors,
+/// more than a test host's hard `RLIMIT_NOFILE` may allow, and `serve` refuses such a config.
+pub const PROCESS_LIMITS: &str = "[limits]\nmax_sessions = 1000\n";
+
 /// The config text every test broker starts from; `extra` is appended.
 pub fn base_config(dir: &Path, tunnel_ip: IpAddr, extra: &str) -> String {
     format!(
@@ -75,13 +79,24 @@ impl TestBroker {
         tunnels: &str,
         tables: impl FnOnce(&Path, IpAddr) -> anyhow::Result<String>,
     ) -> anyhow::Result<Self> {
+        Self::start_text(|dir, tunnel_ip| {
+            Ok(format!(
+                "{}{}",
+                base_config(dir, tunnel_ip, tunnels),
+                tables(dir, tunnel_ip)?
+            ))
+        })
+        .await
+    }
+
+    /// Starts a broker from the whole config text that `text` builds (for keys in tables that
+    /// `base_config` opens, such as `[admin]`).
+    pub async fn start_text(
+        text: impl FnOnce(&Path, IpAddr) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let tunnel_ip = unique_loopback();
-        let text = format!(
-            "{}{}",
-            base_config(dir.path(), tunnel_ip, tunnels),
-            tables(dir.path(), tunnel_ip)?
-        );
+        let text = text(dir.path(), tunnel_ip)?;
         let config = tunnelbot::Config::parse(&text)?;
         config.validate()?;
         let listeners = tunnelbot::Listeners::bind(&config).await?;
@@ -214,7 +229,22 @@ impl TestBroker {
             .await?
             .text()
             .await?;
-        Ok(metric_value(&text, series))
+        metric_value(&text, series)
+    }
+
+    /// Waits (bounded) until `series` reads at least `at_least`.
+    pub async fn wait_metric(&self, series: &str, at_least: f64) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series).await?;
+            if v >= at_least {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{series} stayed at {v}, below {at_least}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -226,15 +256,16 @@ impl Drop for TestBroker {
     }
 }
 
-/// Finds `series` (name plus labels, as printed) in a Prometheus text body.
-pub fn metric_value(text: &str, series: &str) -> f64 {
+/// Finds `series` (name plus labels as printed, labels in name order) in a Prometheus text body;
+/// a series that is not there is an error, never a silent 0.
+pub fn metric_value(text: &str, series: &str) -> anyhow::Result<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
             (name == series).then(|| value.parse().ok()).flatten()
         })
-        .unwrap_or(0.0)
+        .with_context(|| format!("no series {series} in /metrics"))
 }
 
 /// An issued tunnel with its key material on disk.
