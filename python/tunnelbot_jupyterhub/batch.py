@@ -480,7 +480,7 @@ class TunnelbotCondorSpawner(TunnelbotBatchMixin, batchspawner.CondorSpawner):
     batch_script = Unicode(
         """set -eu
 umask 077
-dir=$(mktemp -d "${HOME:-/tmp}/.tunnelbot-cred.XXXXXXXX")
+dir=$(mktemp -d "{% if homedir %}{{homedir}}{% else %}${HOME:-/tmp}{% endif %}/.tunnelbot-cred.XXXXXXXX")
 {{credential}}
 sed "s#@TUNNELBOT_DIR@#$dir#g" <<'TUNNELBOT_SUBMIT_DESCRIPTION' | condor_submit
 Executable = /bin/sh
