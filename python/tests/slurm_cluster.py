@@ -148,7 +148,7 @@ MessageTimeout=10
 TCPTimeout=5
 MinJobAge=300
 NodeName={NODE_NAME} NodeAddr={NODE_ADDR} CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={NODE_NAME} Default=YES MaxTime=INFINITE State=UP
+PartitionName=interactive Nodes={NODE_NAME} Default=YES MaxTime=INFINITE State=UP
 """
 
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -30,6 +32,16 @@ from test_e2e_jupyterhub import BrowserLike, Proc, Stack, _requirements, launch,
 pytestmark = pytest.mark.e2e
 
 BIN_DIR = Path(sys.executable).parent
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_config(heading: str) -> str:
+    """The README's jupyterhub_config.py for ``heading``, verbatim."""
+    text = README.read_text()
+    section = text.split(f"### `jupyterhub_config.py` for {heading}\n", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, heading
+    return match.group(1)
 
 
 def _need(missing: str) -> None:
@@ -132,38 +144,32 @@ def make_stack(tmp_path: Path, tunnelbot_bin: str, cluster: SlurmCluster, gatewa
         # Jobs dial the broker across the veth: its SSH listener is on the hub side's address.
         broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api,
                               extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token}, ssh_host=HUB_ADDR)
-        topology = (
-            "# Gateway topology: sbatch on the login node, as one shared account.\n"
-            f"c.TunnelbotSlurmSpawner.exec_prefix = {gateway.exec_prefix!r}\n"
-            f"c.TunnelbotSlurmSpawner.job_path = '{BIN_DIR}:/usr/local/bin:/usr/bin:/bin'\n"
-            if gateway is not None else ""
-        )
-        config.write_text(
-            "c = get_config()  # noqa\n"
+        heading = "Slurm over ssh (a gateway account)" if gateway is not None else "Slurm"
+        overrides = (
+            # Only this machine's addresses, paths and sizes differ from the README's config.
             f"c.JupyterHub.bind_url = 'http://127.0.0.1:{ports['public']}/'\n"
             f"c.JupyterHub.hub_bind_url = 'http://{HUB_ADDR}:{ports['hub']}'\n"
-            "c.ConfigurableHTTPProxy.should_start = False\n"
+            f"c.JupyterHub.hub_connect_ip = '{HUB_ADDR}'\n"
             f"c.ConfigurableHTTPProxy.api_url = '{chp_api}'\n"
             f"c.JupyterHub.db_url = 'sqlite:///{hub_dir}/jupyterhub.sqlite'\n"
             f"c.JupyterHub.cookie_secret_file = '{hub_dir}/cookie_secret'\n"
-            "c.JupyterHub.cleanup_servers = False\n"
             "c.JupyterHub.authenticator_class = 'shared-password'\n"
             f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
             f"c.Authenticator.allowed_users = {{'{username}'}}\n"
-            # The README's Slurm config, with this test's addresses.
-            "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotSlurmSpawner'\n"
             f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
             f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
             f"c.TunnelbotSpawnerMixin.ssh_host = '{HUB_ADDR}'\n"
-            "c.SlurmSpawner.req_runtime = '30:00'\n"
-            "c.SlurmSpawner.req_memory = '200M'\n"
+            "c.SlurmSpawner.req_memory = '200M'\n"  # the test node has 1000M
             "c.SlurmSpawner.startup_poll_interval = 0.2\n"
-            "c.Spawner.cmd = ['jupyterhub-singleuser']\n"
             "c.Spawner.start_timeout = 90\n"
-            "c.Spawner.http_timeout = 60\n"
             "c.Spawner.poll_interval = 2\n"
-            + topology
         )
+        if gateway is not None:
+            overrides += (
+                f"c.TunnelbotSlurmSpawner.exec_prefix = {gateway.exec_prefix!r}\n"
+                f"c.TunnelbotSlurmSpawner.job_path = '{BIN_DIR}:/usr/local/bin:/usr/bin:/bin'\n"
+            )
+        config.write_text(readme_config(heading) + "\n# --- this test's machine\n" + overrides)
 
         def start_hub(attempt: int = 0) -> Proc:
             launches[0] += 1
@@ -263,8 +269,11 @@ def test_slurm_job_through_tunnelbot(topology: str, cluster: SlurmCluster, tunne
         assert tunnel["connected"] and tunnel["peer"].startswith("10.201.0.2:"), tunnel
         route = stack.routes()[f"/user/{user}"]
         assert route["target"] == f"http://127.0.0.1:{tunnel['port']}"
-        # Lifetime: the 30-minute wall time plus the default 15-minute margin, not 8 h.
-        assert "30:00" in cluster.slurm("scontrol", "-o", "show", "job", job_id).stdout
+        # The README's 8 h wall time is the job's limit, and the tunnel's lifetime with the margin.
+        assert "TimeLimit=08:00:00" in cluster.slurm("scontrol", "-o", "show", "job", job_id).stdout
+        issued = datetime.fromisoformat(tunnel["created_at"].replace("Z", "+00:00"))
+        expires = datetime.fromisoformat(tunnel["expires_at"].replace("Z", "+00:00"))
+        assert (expires - issued).total_seconds() == pytest.approx(8 * 3600 + 900, abs=5)
 
         # The credential was in no argv, no environment and no hub log line.
         hub_log = stack.hub.text()
