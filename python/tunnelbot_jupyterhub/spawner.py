@@ -190,6 +190,11 @@ class TunnelbotSpawnerMixin(Spawner):
     _tunnelbot_starting: bool = False
     _tunnelbot_sealed: bool = False
 
+    # A launcher that runs the job elsewhere (over ssh, say) sets this class attribute and
+    # writes credential_stdin, during its start(), to the job's standard input.
+    credential_via_stdin: bool = False
+    credential_stdin: Optional[str] = None
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._tunnelbot_sealed = True
@@ -259,8 +264,20 @@ class TunnelbotSpawnerMixin(Spawner):
         """Spawner.cmd behind the wrapper, with the bundle in a file the wrapper deletes.
 
         For launchers that run self.cmd on this machine; batch spawners override this and
-        put the bundle into the batch script instead.
+        put the bundle into the batch script instead. A launcher that sets
+        ``credential_via_stdin = True`` gets ``--credential -`` and must feed
+        :attr:`credential_stdin` to the job's standard input (e.g. as a here-document).
         """
+        if self.credential_via_stdin:
+            original = list(self.cmd)
+            self.cmd = self.wrapper_argv(["--credential", "-"]) + original
+            self.credential_stdin = bundle
+            try:
+                yield
+            finally:
+                self.cmd = original
+                self.credential_stdin = None
+            return
         directory, path = self._drop_credential(bundle)
         original = list(self.cmd)
         self.cmd = self.wrapper_argv(["--credential-move", str(path)]) + original
