@@ -251,9 +251,18 @@ def test_slurm_job_through_tunnelbot(topology: str, cluster: SlurmCluster, tunne
         browser = BrowserLike(stack)
         browser.login()
 
-        r = browser.hub_api("POST", f"/users/{user}/server")
-        assert r.status_code in (201, 202), r.text
         detail = lambda: stack.logs() + "\n" + cluster.logs()  # noqa: E731
+        if gateway is None:
+            # user_options through the REST API skip the form, not the checks: this config
+            # offers no wall-time choice, so none reaches a batch script, and nothing is issued.
+            r = browser.hub_api("POST", f"/users/{user}/server", json={"runtime": "99:00:00", "options": "--uid=0"})
+            assert r.status_code == 400 and "unknown spawn options: options" in r.text, r.text
+            assert stack.tunnels() == [] and cluster.squeue() == []
+            wait_for(lambda: browser.server() is None, 30, "the refused server to be cleared", detail=detail)
+
+        # Empty options, not none: JupyterHub would reuse the refused options of the last request.
+        r = browser.hub_api("POST", f"/users/{user}/server", json={"user_options": {}})
+        assert r.status_code in (201, 202), r.text
         wait_for(lambda: (browser.server() or {}).get("ready"), 120, "the server to be ready", 0.2, detail=detail)
         job_user = JOB_USER if gateway is None else "tbgateway"
         (job,) = cluster.running_jobs()

@@ -92,6 +92,20 @@ class SpawnFormMixin(LoggingConfigurable):
     def _options_form_from_settings(self) -> Any:
         return self._default_options_form if self.form_enabled() else ""
 
+    @default("apply_user_options")
+    def _apply_user_options_default(self) -> Any:
+        # JupyterHub 6 calls this before start() and turns an HTTPError into the user's answer:
+        # a bad choice is a 400 naming the problem, not a 500 after a tunnel was issued.
+        def check(spawner: "SpawnFormMixin", user_options: Dict[str, Any]) -> None:
+            try:
+                spawner.check_options(dict(user_options or {}))
+            except FormError as e:
+                from tornado import web
+
+                raise web.HTTPError(400, str(e)) from None
+
+        return check
+
     def form_enabled(self) -> bool:
         return bool(
             self.form_partitions or self.form_runtime_max or self.form_nprocs_max or self.form_memory_max or self.form_images
