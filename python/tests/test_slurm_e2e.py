@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import socket
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass

@@ -21,10 +21,10 @@ import shlex
 import sys
 from contextlib import contextmanager
 from pathlib import PurePosixPath
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional
 
 import batchspawner
-from batchspawner.batchspawner import BatchSpawnerBase, JobStatus, format_template
+from batchspawner.batchspawner import JobStatus, format_template
 from traitlets import Bool, List as ListTrait, TraitError, Unicode, default, validate
 
 from .broker import BrokerClient, Tunnel
