@@ -113,7 +113,7 @@ impl Default for TunnelsConfig {
             // Below Linux's ephemeral range (32768-60999), so outgoing connections never hold one.
             ports: PortRange {
                 first: 20000,
-                last: 29999,
+                last: 24999,
             },
             default_ttl: Duration::from_secs(8 * 3600),
             max_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -482,7 +482,7 @@ mod tests {
             c.tunnels.ports,
             PortRange {
                 first: 20000,
-                last: 29999
+                last: 24999
             }
         );
         assert_eq!(c.tunnels.default_ttl, Duration::from_secs(8 * 3600));
@@ -509,6 +509,7 @@ mod tests {
     fn port_ranges() {
         assert_eq!("1-1".parse::<PortRange>().unwrap().len(), 1);
         assert_eq!("20000-29999".parse::<PortRange>().unwrap().len(), 10000);
+        assert_eq!(Config::default().tunnels.ports.len(), 5000);
         for bad in ["", "5", "9-5", "0-10", "a-b", "1-70000", "-"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad:?} parsed");
         }

@@ -12,8 +12,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
+use crate::accept::AcceptErrors;
 use crate::broker::Broker;
 use crate::handler::Handler;
 use crate::preauth::{PreAuth, Ticket};
@@ -58,6 +59,12 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
                 russh::cipher::AES_256_CTR,
                 russh::cipher::AES_128_CTR,
             ]),
+            // Compression only once logged in (zlib@openssh.com), never before: inflating what an
+            // unauthenticated peer sends is work and risk nobody needs.
+            compression: std::borrow::Cow::Borrowed(&[
+                russh::compression::NONE,
+                russh::compression::ZLIB_LEGACY,
+            ]),
             ..russh::Preferred::default()
         },
         ..Default::default()
@@ -80,17 +87,17 @@ pub async fn serve(
         limits.max_unauthenticated_per_source,
     ));
     let metrics = broker.metrics().clone();
-    let mut accept_errors = AcceptErrors::default();
+    let mut accept_errors = AcceptErrors::new("ssh");
     loop {
         let (sock, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(a) => {
-                    accept_errors.ok();
+                    accept_errors.accepted();
                     a
                 }
                 Err(e) => {
-                    accept_errors.failed(&e, "ssh").await;
+                    accept_errors.pause(&e).await;
                     continue;
                 }
             },
@@ -124,40 +131,6 @@ pub async fn serve(
         tracker.spawn(conn.run(sock, peer, id, ctl, ticket).instrument(span));
     }
     drop(listener);
-}
-
-/// Accept failures (out of descriptors and the like): a growing pause instead of a spin, and a
-/// warning at most every `WARN_EVERY` with the count of the ones not logged.
-#[derive(Default)]
-struct AcceptErrors {
-    pause: Duration,
-    last_warn: Option<Instant>,
-    unlogged: u64,
-}
-
-impl AcceptErrors {
-    const FIRST_PAUSE: Duration = Duration::from_millis(5);
-    const MAX_PAUSE: Duration = Duration::from_secs(1);
-    const WARN_EVERY: Duration = Duration::from_secs(10);
-
-    fn ok(&mut self) {
-        self.pause = Duration::ZERO;
-    }
-
-    async fn failed(&mut self, e: &std::io::Error, listener: &'static str) {
-        if self
-            .last_warn
-            .is_none_or(|t| t.elapsed() >= Self::WARN_EVERY)
-        {
-            warn!(listener, error = %e, suppressed = self.unlogged, "accept failed; backing off");
-            self.last_warn = Some(Instant::now());
-            self.unlogged = 0;
-        } else {
-            self.unlogged += 1;
-        }
-        self.pause = (self.pause * 2).clamp(Self::FIRST_PAUSE, Self::MAX_PAUSE);
-        tokio::time::sleep(self.pause).await;
-    }
 }
 
 struct Connection {

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::accept::AcceptErrors;
 use crate::bridge::Bridge;
 use crate::grants::{ForwardRefusal, Grant};
 use crate::metrics::Metrics;
@@ -257,17 +258,19 @@ impl AcceptLoop {
     }
 
     async fn accept(&self, listener: TcpListener) {
+        let mut accept_errors = AcceptErrors::new("tunnel");
         loop {
             let accepted = tokio::select! {
                 () = self.cancel.cancelled() => return,
                 r = listener.accept() => r,
             };
             let (sock, from) = match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    accept_errors.accepted();
+                    a
+                }
                 Err(e) => {
-                    // Out of descriptors and the like: pause rather than spin.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    accept_errors.pause(&e).await;
                     continue;
                 }
             };

@@ -203,7 +203,7 @@ async fn serve_refuses_a_config_that_cannot_fit_the_descriptor_limit() -> anyhow
             .spawn()?)
     };
 
-    // The default limits (10000 ports, 20000 sessions, ...) cannot fit in 256.
+    // The default limits (5000 ports, as many sessions, ...) cannot fit in 256.
     let dir = tempfile::tempdir()?;
     let child = serve_limited(dir.path(), "")?;
     let out = tokio::time::timeout(common::WAIT, child.wait_with_output()).await??;
@@ -212,20 +212,21 @@ async fn serve_refuses_a_config_that_cannot_fit_the_descriptor_limit() -> anyhow
     for part in [
         "file descriptors",
         "only 256",
-        "tunnels.ports 10000",
-        "limits.max_sessions 20000",
-        "limits.max_startups 512",
+        "tunnels.ports 5000",
+        "limits.max_sessions 5000",
+        "limits.max_unauthenticated 2048",
         "admin.max_connections 64",
     ] {
         assert!(err.contains(part), "{part:?} not in: {err}");
     }
     assert!(!dir.path().join("ready.json").exists());
 
-    // 10 ports + 50 sessions + 16 startups + 64 admin + 64 reserved = 204: it starts.
+    // 10 ports + 10 sessions (one per port at most) + 16 unauthenticated + 64 admin + 64
+    // reserved = 164: it starts.
     let dir = tempfile::tempdir()?;
     let mut child = serve_limited(
         dir.path(),
-        "ports = \"20000-20009\"\n[limits]\nmax_sessions = 50\nmax_startups = 16\n",
+        "ports = \"20000-20009\"\n[limits]\nmax_sessions = 50\nmax_startups = 16\nmax_unauthenticated = 16\n",
     )?;
     let ready = dir.path().join("ready.json");
     let deadline = tokio::time::Instant::now() + common::WAIT;

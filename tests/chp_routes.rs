@@ -121,7 +121,7 @@ async fn chp_restart_gets_routes_back_and_foreign_routes_are_left_alone() -> any
         .await?;
     chp.add_route("/user/zed", json!({"target": "http://127.0.0.1:9", "jupyterhub": true, "user": "zed", "server_name": ""})).await?;
     // A stale route of ours (our marker, our host, a port in our range, no tunnel): removed.
-    let stale = format!("http://{}:29999", broker.tunnel_ip);
+    let stale = format!("http://{}:24999", broker.tunnel_ip);
     chp.add_route(
         "/user/ghost",
         json!({"target": stale, "jupyterhub": true, "user": "ghost", "server_name": "", "tunnelbot": true}),
@@ -389,7 +389,7 @@ async fn a_route_without_our_marker_is_never_deleted() -> anyhow::Result<()> {
     let broker = TestBroker::with_chp(&chp, "/").await?;
     // Our target shape exactly (our host, a port of our range, JupyterHub's keys), no marker.
     let foreign = json!({
-        "target": format!("http://{}:29999", broker.tunnel_ip),
+        "target": format!("http://{}:24999", broker.tunnel_ip),
         "jupyterhub": true,
         "user": "mallory",
         "server_name": "",

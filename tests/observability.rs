@@ -26,9 +26,9 @@ async fn counters_move_as_the_real_client_connects_is_refused_transfers_and_leav
             .await?,
         1.0
     );
-    assert_eq!(broker.metric("tunnelbot_ports_total").await?, 10000.0);
+    assert_eq!(broker.metric("tunnelbot_ports_total").await?, 5000.0);
     let issued = broker.issue("alice", "", 600).await?;
-    assert_eq!(broker.metric("tunnelbot_ports_free").await?, 9999.0);
+    assert_eq!(broker.metric("tunnelbot_ports_free").await?, 4999.0);
 
     let rogue = keygen(broker.dir.path(), "rogue")?;
     let mut args = vec![m("-N"), m("-R"), m("0:127.0.0.1:9")];

@@ -196,6 +196,9 @@ async fn other_ports_other_addresses_unix_sockets_and_a_second_listener_are_refu
         format!("{}:127.0.0.1:{nb}", issued.port + 1000), // outside this grant
         format!("0.0.0.0:0:127.0.0.1:{nb}"),      // non-loopback bind address
         format!("[::]:0:127.0.0.1:{nb}"),
+        // Loopback, but not where the port listens: granting it would echo back a lie.
+        format!("127.0.0.2:0:127.0.0.1:{nb}"),
+        format!("[::1]:0:127.0.0.1:{nb}"),
         format!("{}:127.0.0.1:{nb}", sock.display()), // a Unix socket on the hub
         format!("0:localhost:{nb}"), // a second listener, same session (ssh drops exact duplicates)
     ];
@@ -228,7 +231,7 @@ async fn other_ports_other_addresses_unix_sockets_and_a_second_listener_are_refu
         format!("tunnelbot_forward_requests_total{{reason=\"{reason}\",result=\"refused\"}}")
     };
     assert!(broker.metric(&metric("wrong_port")).await? >= 2.0);
-    assert!(broker.metric(&metric("not_loopback")).await? >= 2.0);
+    assert!(broker.metric(&metric("not_loopback")).await? >= 4.0);
     assert!(broker.metric(&metric("unix_socket")).await? >= 1.0);
     assert!(broker.metric(&metric("already_forwarding")).await? >= 1.0);
     Ok(())
@@ -301,5 +304,70 @@ async fn password_and_keyboard_interactive_are_not_offered() -> anyhow::Result<(
         err.contains("Permission denied (publickey)"),
         "only publickey may be offered: {err}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_brokers_own_host_key_is_never_a_job_key() -> anyhow::Result<()> {
+    let broker = TestBroker::start("").await?;
+    let host_public =
+        std::fs::read_to_string(broker.dir.path().join("keys/ssh_host_ed25519_key.pub"))?;
+    let (status, body) = broker
+        .api(
+            reqwest::Method::POST,
+            "/api/v1/tunnels",
+            Some(serde_json::json!({"user": "mallory", "public_key": host_public.trim()})),
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("host key"), "{body}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn compression_is_never_offered_before_login() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = TestBroker::start("").await?;
+    let mut s = tokio::net::TcpStream::connect(broker.ssh).await?;
+    s.write_all(b"SSH-2.0-probe\r\n").await?;
+    // The server's version line, then its KEXINIT in the clear.
+    let mut buf = Vec::new();
+    let kexinit = tokio::time::timeout(common::WAIT, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await?;
+            anyhow::ensure!(n > 0, "closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") else {
+                continue;
+            };
+            let packet = &buf[eol + 2..];
+            if packet.len() < 4 {
+                continue;
+            }
+            let len = u32::from_be_bytes([packet[0], packet[1], packet[2], packet[3]]) as usize;
+            if packet.len() >= 4 + len {
+                return Ok(packet[4..4 + len].to_vec());
+            }
+        }
+    })
+    .await??;
+    // padding length, msg 20, 16-byte cookie, then ten name-lists.
+    anyhow::ensure!(kexinit[1] == 20, "not a KEXINIT");
+    let mut at = 2 + 16;
+    let mut lists = Vec::new();
+    for _ in 0..10 {
+        let n = u32::from_be_bytes(kexinit[at..at + 4].try_into()?) as usize;
+        lists.push(String::from_utf8(kexinit[at + 4..at + 4 + n].to_vec())?);
+        at += 4 + n;
+    }
+    for compression in &lists[6..8] {
+        assert!(
+            compression
+                .split(',')
+                .all(|c| c == "none" || c == "zlib@openssh.com"),
+            "pre-auth compression offered: {compression}"
+        );
+    }
     Ok(())
 }

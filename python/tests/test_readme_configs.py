@@ -1,12 +1,9 @@
-"""The jupyterhub_config.py examples in README.md load, and the SSH launcher one really works."""
+"""The jupyterhub_config.py examples in README.md load and configure the packaged spawners."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import pwd
+import logging
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict
@@ -15,8 +12,7 @@ import pytest
 from traitlets.config import Config
 from traitlets.utils.importstring import import_item
 
-from conftest import Broker, http_get, pid_alive, python_http_server, wait_for
-from tunnelbot_jupyterhub import BrokerClient
+from tunnelbot_jupyterhub import TunnelbotRemoteSpawner
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -48,64 +44,27 @@ def test_slurm_config_loads() -> None:
     assert spawner.batchspawner_singleuser_cmd == ""
 
 
-def test_ssh_launcher_config_runs_a_job(broker: Broker, tmp_path: Path) -> None:
-    namespace = load("an SSH/Singularity-style launcher")
-    c = namespace["c"]
-    spawner_class = c.JupyterHub.spawner_class
-    assert spawner_class.__name__ == "TunnelbotSSHSpawner"
+def test_remote_hosts_config_loads(caplog: pytest.LogCaptureFixture) -> None:
+    """The remote-host block configures the packaged spawner (the class is not pasted).
 
-    home = tmp_path / "home"
-    home.mkdir()
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "hello.txt").write_text("hello over ssh")
-    bin_dir = os.path.dirname(sys.executable)
-
-    class LocalSSH(spawner_class):  # type: ignore[misc, valid-type]
-        """The README's class with `ssh host CMD` played by a local `sh -c`, and a test HOME."""
-
-        def user_env(self, env: Dict[str, str]) -> Dict[str, str]:
-            env = super().user_env(env)
-            env["HOME"] = str(home)
-            env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
-            env["TMPDIR"] = str(tmp_path)
-            return env
-
-    # Overrides for this machine: the local broker and no real ssh or apptainer.
-    c.TunnelbotSpawnerMixin.broker_url = broker.admin_url
-    c.TunnelbotSpawnerMixin.broker_token_file = str(broker.token_file)
-    c.TunnelbotSpawnerMixin.ssh_host = "127.0.0.1"
-    c.SSHLauncher.ssh_command = ["/bin/sh", "-c", 'shift; exec "$@"', "fake-ssh"]
-    c.Spawner.cmd = python_http_server(site)
-    c.Spawner.start_timeout = 60
-
-    me = pwd.getpwuid(os.geteuid()).pw_name  # user_env looks the user up
-    hub = SimpleNamespace(public_host="", api_url="http://127.0.0.1:1/hub/api/", base_url="/hub/")
-    user = SimpleNamespace(name=me, escaped_name=me, url=f"/user/{me}/")
-    spawner = LocalSSH(user=user, hub=hub, config=c)
-    try:
-        ip, port = asyncio.run(spawner.start())
-        assert (ip, port) == ("127.0.0.1", spawner.tunnel_port)
-        assert spawner.remote_pid > 0
-
-        def ok() -> bool:
-            try:
-                return b"hello over ssh" in http_get(port, "/hello.txt")
-            except OSError:
-                return False
-
-        wait_for(ok, 20, "a GET through the hub port")
-        assert asyncio.run(spawner.poll()) is None
-        tunnel_id = spawner.tunnel_id
-        remote_pid = spawner.remote_pid
-        asyncio.run(spawner.stop())
-        tunnel = asyncio.run(BrokerClient(broker.admin_url, broker.token).get(tunnel_id))
-        assert tunnel is not None and tunnel.state == "revoked"
-        wait_for(lambda: not pid_alive(remote_pid), 20, "the remote job to exit")
-        assert "forwarding hub port" in (home / ".tunnelbot-job.log").read_text()
-    finally:
-        if spawner.proc is not None and spawner.proc.poll() is None:
-            spawner.proc.kill()
-            spawner.proc.wait(10)
-        if spawner.remote_pid and pid_alive(spawner.remote_pid):
-            os.kill(spawner.remote_pid, 9)
+    tests/test_remote_e2e.py runs the same settings against real sshd hosts.
+    """
+    block = config_block("remote hosts over SSH")
+    assert not re.search(r"^class ", block, re.M)
+    c = load("remote hosts over SSH")["c"]
+    spawner_class = import_item(c.JupyterHub.spawner_class)
+    assert spawner_class is TunnelbotRemoteSpawner
+    spawner = spawner_class(user=SimpleNamespace(name="alice"), config=c)
+    with caplog.at_level(logging.WARNING):
+        hosts = spawner.hosts()
+    assert [(h.name, h.address) for h in hosts] == [
+        ("gpu1", "10.1.0.11"),
+        ("gpu2", "10.1.0.12"),
+        ("bigmem.cluster.internal", "bigmem.cluster.internal"),
+    ]
+    assert not caplog.records
+    assert spawner.ssh_identity.format(home_root=spawner.home_root, username="alice") == "/home/alice/.ssh/id_ed25519"
+    assert spawner._job_argv([]) == [
+        "apptainer", "exec", "--bind", "/shared,/scratch", "/shared/images/notebook.sif", "jupyterhub-singleuser"
+    ]
+    assert spawner.ssh_host == "hub.cluster.internal" and spawner.known_hosts_file

@@ -12,6 +12,7 @@ from typing import Any
 
 from .broker import BrokerClient, BrokerError, Tunnel
 from .credential import heredoc, render_bundle
+from .remote import TunnelbotRemoteSpawner
 from .spawner import TunnelbotLocalProcessSpawner, TunnelbotSpawnerMixin
 from .trust import guard_batchspawner_api
 from .wrapper import job_wrapper_path
@@ -31,6 +32,7 @@ __all__ = [
     "BrokerError",
     "Tunnel",
     "TunnelbotLocalProcessSpawner",
+    "TunnelbotRemoteSpawner",
     "TunnelbotSpawnerMixin",
     "heredoc",
     "job_wrapper_path",
