@@ -174,7 +174,8 @@ def test_revoked_tunnel_ends_the_server_and_its_job(broker: Broker, tmp_path: Pa
     asyncio.run(spawner.start())
     tunnel_id = spawner.tunnel_id
     assert asyncio.run(client(broker).revoke(tunnel_id))
-    assert asyncio.run(spawner.poll()) == 1
+    # 1: the broker said revoked first; 77: the wrapper had already exited on the refusal.
+    assert asyncio.run(spawner.poll()) in (1, 77)
     assert spawner.tunnel_id == "" and spawner.get_state() == {}
     assert spawner.proc is not None and spawner.proc.poll() is not None
 
