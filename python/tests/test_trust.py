@@ -37,7 +37,6 @@ print("ok")
         "import tunnelbot_jupyterhub.slurm",
         "import batchspawner\nimport tunnelbot_jupyterhub",
         "import tunnelbot_jupyterhub\nimport batchspawner\nfrom tunnelbot_jupyterhub import TunnelbotSlurmSpawner",
-        "import tunnelbot_jupyterhub.batch\nimport batchspawner.api",
         # How jupyterhub_config.py names the class: JupyterHub resolves the string on load.
         "from traitlets.utils.importstring import import_item\nimport_item('tunnelbot_jupyterhub.TunnelbotTorqueSpawner')",
     ],
