@@ -299,3 +299,54 @@ def test_squeue_format_survives_two_shells() -> None:
     assert s.submit_remote and s.req_homedir == "" and s.job_path == ""
     assert s.parse_exit_status("JobId=42 JobState=FAILED ExitCode=127:0 RunTime=0") == 127
     assert s.parse_exit_status("JobId=42 JobState=CANCELLED ExitCode=0:15") == 143
+
+
+def test_a_launcher_can_take_the_credential_on_stdin(broker: Broker, tmp_path: Path) -> None:
+    """credential_via_stdin: the mixin hands the bundle to the launcher, not to a file."""
+    import subprocess
+
+    from jupyterhub.spawner import Spawner
+
+    from tunnelbot_jupyterhub import TunnelbotSpawnerMixin
+
+    class StdinLauncher(Spawner):
+        proc: Any = None
+
+        async def start(self) -> Any:
+            env = {"PATH": f"{os.path.dirname(sys.executable)}:/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+            with open(tmp_path / "job.log", "ab") as log:
+                self.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.PIPE, stdout=log, stderr=log)
+            self.proc.stdin.write(self.credential_stdin.encode())
+            self.proc.stdin.close()
+            return ("192.0.2.1", 9)
+
+        async def poll(self) -> Any:
+            return None if self.proc is None else self.proc.poll()
+
+        async def stop(self, now: bool = False) -> None:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.terminate()
+                self.proc.wait(20)
+
+    class Spawned(TunnelbotSpawnerMixin, StdinLauncher):
+        credential_via_stdin = True
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "hello.txt").write_text("hello over stdin")
+    spawner = Spawned(user=SimpleNamespace(name="alice"), cmd=python_http_server(tmp_path / "site"),
+                      broker_url=broker.admin_url, broker_token_file=str(broker.token_file), ssh_host="127.0.0.1",
+                      connect_timeout=30)
+    try:
+        _, port = asyncio.run(spawner.start())
+        assert spawner.proc.args[:3] == ["tunnelbot-job", "--credential", "-"]
+        assert spawner.credential_stdin is None  # only held while launching
+        def ok() -> bool:
+            try:  # the notebook may not listen yet when the tunnel is up
+                return b"hello over stdin" in http_get(port, "/hello.txt")
+            except OSError:
+                return False
+
+        wait_for(ok, 20, "a GET through the hub port")
+        assert not list(tmp_path.glob("tunnelbot-cred.*"))
+    finally:
+        asyncio.run(spawner.stop())
