@@ -29,5 +29,6 @@ if [ ! -x "$chp" ] || ! grep -q "\"version\": \"$chp_version\"" "$deps/node/node
     mkdir -p "$deps/node"
     npm install --silent --no-audit --no-fund --prefix "$deps/node" "configurable-http-proxy@$chp_version" >/dev/null
 fi
+bash "$repo/scripts/setup-slurm.sh"  # Slurm, munge, sshd, sudo and the job users for the real-Slurm tests
 bash "$repo/scripts/setup-sshd.sh"  # openssh-server for the remote-host tests; never started as a service
 echo "setup: ok (ssh $(ssh -V 2>&1 | cut -d, -f1), node $(node --version), chp $chp_version)"

@@ -144,11 +144,13 @@ def start_broker(
     public_host: str = "",
     ssh_port: int = 0,
     admin_port: int = 0,
+    ssh_host: str = "127.0.0.1",
 ) -> Broker:
     """Run ``tunnelbot serve`` on 127.0.0.1 and wait (bounded) for its ready file.
 
     Ports 0 (the default) let the OS pick; a restart passes the ports (and ``workdir``, with the
-    keys and state) of the broker it replaces.
+    keys and state) of the broker it replaces. ``ssh_host``: where jobs dial in (a test's own
+    namespace-facing address, for example).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tunnelbot.toml"
@@ -158,7 +160,7 @@ def start_broker(
         f'keys_dir = "{workdir / "keys"}"\n'
         f'state_dir = "{workdir / "state"}"\n'
         "[ssh]\n"
-        f'listen = "127.0.0.1:{ssh_port}"\n'
+        f'listen = "{ssh_host}:{ssh_port}"\n'
         f"{public}"
         "[tunnels]\n"
         'bind_address = "127.0.0.1"\n'

@@ -174,7 +174,8 @@ def test_revoked_tunnel_ends_the_server_and_its_job(broker: Broker, tmp_path: Pa
     asyncio.run(spawner.start())
     tunnel_id = spawner.tunnel_id
     assert asyncio.run(client(broker).revoke(tunnel_id))
-    assert asyncio.run(spawner.poll()) == 1
+    # 1: the broker said revoked first; 77: the wrapper had already exited on the refusal.
+    assert asyncio.run(spawner.poll()) in (1, 77)
     assert spawner.tunnel_id == "" and spawner.get_state() == {}
     assert spawner.proc is not None and spawner.proc.poll() is not None
 
@@ -200,7 +201,9 @@ def test_a_restarted_hub_polls_the_same_tunnel(broker: Broker, tmp_path: Path) -
 def test_broker_outage_does_not_kill_servers(broker: Broker, tmp_path: Path) -> None:
     spawner = make_spawner(broker, tmp_path, [])
     asyncio.run(spawner.start())
-    spawner.broker_url = "http://127.0.0.1:1"  # nothing listens there
-    assert asyncio.run(spawner.poll()) is None
-    spawner.broker_url = broker.admin_url
+    # The same server as seen by a hub whose broker cannot be reached (broker_url is config-only).
+    unreachable = make_spawner(broker, tmp_path, [], broker_url="http://127.0.0.1:1")  # nothing listens there
+    unreachable.load_state(spawner.get_state())
+    unreachable.proc = spawner.proc
+    assert asyncio.run(unreachable.poll()) is None
     asyncio.run(spawner.stop())

@@ -127,20 +127,16 @@ def test_ssh_options_cannot_weaken_pinning(option: str) -> None:
         make_spawner(ssh_options=[option])
 
 
-def test_job_env_carries_what_the_wrapper_needs() -> None:
+def test_the_credential_names_the_host_the_job_dials() -> None:
     s = make_spawner(ssh_options=["ConnectTimeout=5", "ProxyJump=gw"])
     tunnel = Tunnel.from_json(TUNNEL_JSON)
     with pytest.raises(RuntimeError, match="ssh_host"):
-        s.job_env(tunnel)  # the broker has no public_host and none is configured
-    s.ssh_host = "hub-internal"
-    env = s.job_env(tunnel)
-    assert env["TUNNELBOT_HOST"] == "hub-internal"
-    assert env["TUNNELBOT_SSH_PORT"] == "2222"
-    assert env["TUNNELBOT_SSH_USER"] == "tunnelbot"
-    assert env["TUNNELBOT_PORT"] == "20017"
-    assert env["TUNNELBOT_KNOWN_HOSTS"] == "[hub-internal]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample"
-    assert env["TUNNELBOT_KEY"] == TUNNEL_JSON["private_key"]
-    assert env["TUNNELBOT_SSH_OPTIONS"] == "ConnectTimeout=5 ProxyJump=gw"
+        s.credential_bundle(tunnel)  # the broker has no public_host and none is configured
+    s = make_spawner(ssh_options=["ConnectTimeout=5", "ProxyJump=gw"], ssh_host="hub-internal")
+    bundle = s.credential_bundle(tunnel).splitlines()
+    assert "host=hub-internal" in bundle and "ssh_port=2222" in bundle and "ssh_user=tunnelbot" in bundle
+    assert "known_hosts=[hub-internal]:2222 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample" in bundle
+    assert "ssh_option=ProxyJump=gw" in bundle and "SECRET" in bundle
 
 
 def test_state_round_trip() -> None:
@@ -183,14 +179,17 @@ def test_slurm_spawner_wraps_the_batch_command() -> None:
     from tunnelbot_jupyterhub import TunnelbotSlurmSpawner
     from tunnelbot_jupyterhub.slurm import parse_slurm_time
 
-    s = TunnelbotSlurmSpawner(user=SimpleNamespace(name="alice"), req_runtime="1-02:03:04")
+    s = TunnelbotSlurmSpawner(user=SimpleNamespace(name="alice"), req_runtime="1-02:03:04", form_runtime_max="2-0")
     assert s.batchspawner_singleuser_cmd == ""
     assert s.walltime_seconds() == ((24 + 2) * 60 + 3) * 60 + 4
     assert s.tunnel_lifetime() == s.walltime_seconds() + s.lifetime_margin  # type: ignore[operator]
     s.user_options = {"runtime": "30"}
     assert s.walltime_seconds() == 1800
-    with s._wrapped_cmd():
-        assert s.cmd_formatted_for_batch().split() == ["tunnelbot-job", "jupyterhub-singleuser"]
+    assert s.cmd_formatted_for_batch().split() == ["tunnelbot-job", "--credential", "-", "jupyterhub-singleuser"]
+    with s._wrapped_cmd("tunnelbot-credential 1\nend\n"):
+        line = s.cmd_formatted_for_batch()
+        assert line.startswith("tunnelbot-job --credential - jupyterhub-singleuser <<'TUNNELBOT_CREDENTIAL_")
+        assert "\ntunnelbot-credential 1\nend\n" in line
     assert s.cmd == ["jupyterhub-singleuser"]
     cases: Dict[str, object] = {
         "45": 2700, "10:30": 630, "2:00:00": 7200, "3-4": 273600, "1-0:30": 88200, "UNLIMITED": None, "": None,

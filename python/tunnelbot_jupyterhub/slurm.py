@@ -1,4 +1,10 @@
-"""batchspawner's SlurmSpawner through a tunnelbot tunnel (needs batchspawner)."""
+"""batchspawner's SlurmSpawner through a tunnelbot tunnel (needs batchspawner).
+
+Works as written for both topologies: ``sbatch`` on the hub (run as the user with sudo), and
+``sbatch`` on a login node over ssh as one shared gateway account
+(``exec_prefix = "ssh -T -o BatchMode=yes gateway@login"``). See batch.py for how the credential
+reaches the job.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,9 @@ import re
 from typing import Optional
 
 from batchspawner import SlurmSpawner
-from batchspawner.batchspawner import JobStatus
-from traitlets import default
+from traitlets import Unicode
 
-from .spawner import TunnelbotSpawnerMixin
+from .batch import TunnelbotBatchMixin
 
 __all__ = ["TunnelbotSlurmSpawner", "parse_slurm_time"]
 
@@ -35,28 +40,65 @@ def parse_slurm_time(value: str) -> Optional[int]:
     return int(a) * 60  # M
 
 
-class TunnelbotSlurmSpawner(TunnelbotSpawnerMixin, SlurmSpawner):
+class TunnelbotSlurmSpawner(TunnelbotBatchMixin, SlurmSpawner):
     """SlurmSpawner whose jobs are reached through tunnelbot.
 
-    The job runs ``tunnelbot-job jupyterhub-singleuser``: the wrapper picks the node-side
-    port itself, so batchspawner-singleuser (which reports a node port to the hub) is not
-    used. The tunnel's lifetime follows the job's ``--time``.
+    The job runs ``tunnelbot-job --credential - jupyterhub-singleuser`` with the credential
+    on the wrapper's stdin. The tunnel's lifetime follows the job's ``--time``.
     """
 
-    @default("batchspawner_singleuser_cmd")
-    def _default_batchspawner_singleuser_cmd(self) -> str:
-        return ""
+    batch_script = Unicode(
+        """#!/bin/sh
+#SBATCH --job-name=spawner-jupyterhub
+#SBATCH --output={% if homedir %}{{homedir}}/{% endif %}jupyterhub_slurmspawner_%j.log
+{% if homedir %}#SBATCH --chdir={{homedir}}
+{% endif %}#SBATCH --export={{keepvars}}
+{% if partition  %}#SBATCH --partition={{partition}}
+{% endif %}{% if runtime    %}#SBATCH --time={{runtime}}
+{% endif %}{% if memory     %}#SBATCH --mem={{memory}}
+{% endif %}{% if gres       %}#SBATCH --gres={{gres}}
+{% endif %}{% if nprocs     %}#SBATCH --cpus-per-task={{nprocs}}
+{% endif %}{% if reservation%}#SBATCH --reservation={{reservation}}
+{% endif %}{% if options    %}#SBATCH {{options}}
+{% endif %}
+{{prologue}}
+{% if srun %}{{srun}} {% endif %}{{cmd}}
+status=$?
+{{epilogue}}
+exit "$status"
+""",
+        help="""The job script (jinja2). {{cmd}} is the wrapper's command line followed by the
+        credential as a here-document; {{prologue}} starts with the job's environment.""",
+    ).tag(config=True)
 
-    def walltime_seconds(self) -> Optional[int]:
-        runtime = (self.user_options or {}).get("runtime") or self.req_runtime
-        return parse_slurm_time(str(runtime)) if runtime else None
+    req_srun = Unicode(
+        "srun --export=ALL",
+        help="""Runs the job's command as a job step ('' for none). --export=ALL: the step gets the
+        environment the script exported (sbatch's --export would otherwise leave out PATH).""",
+    ).tag(config=True)
 
-    async def _job_exit_status_while_starting(self) -> Optional[int]:
-        # batchspawner's start() stops watching the job once it runs; a job that dies
-        # before its tunnel is up would otherwise show only as a timeout.
-        if not self.job_id:
+    # No space and no quote: the command is parsed by two shells over ssh (exec_prefix).
+    batch_query_cmd = Unicode(
+        "squeue -h -j {job_id} -o %T:%B",
+        help="Prints STATE:HOST for the job; survives the two shells of a submission over ssh.",
+    ).tag(config=True)
+
+    state_exechost_re = Unicode(
+        r":((?:[\w_-]+\.?)+)$",
+        help="Finds the node in batch_query_cmd's output.",
+    ).tag(config=True)
+
+    exit_status_cmd = Unicode(
+        "scontrol -o show job {job_id}",
+        help="Prints the ended job's record; its ExitCode=STATUS:SIGNAL is what the user is told.",
+    ).tag(config=True)
+
+    def parse_walltime(self, value: str) -> Optional[int]:
+        return parse_slurm_time(value)
+
+    def parse_exit_status(self, output: str) -> Optional[int]:
+        match = re.search(r"\bExitCode=(\d+):(\d+)", output)
+        if not match:
             return None
-        status = await self.query_job_status()
-        if status in (JobStatus.PENDING, JobStatus.RUNNING, JobStatus.UNKNOWN):
-            return None
-        return 1
+        status, signal = int(match.group(1)), int(match.group(2))
+        return 128 + signal if signal else status

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from traitlets import Float, Integer, List as ListTrait, TraitError, Unicode, default, validate
 
 from .broker import BrokerClient, BrokerError, Tunnel
-from .credential import pin_known_hosts
+from .credential import pin_known_hosts, render_bundle
 from .wrapper import job_wrapper_path
 
-__all__ = ["TunnelbotLocalProcessSpawner", "TunnelbotSpawnerMixin", "pin_known_hosts"]
+__all__ = ["TunnelbotLocalProcessSpawner", "TunnelbotSpawnerMixin", "pin_known_hosts", "seal_traits"]
 
 # Options that would weaken host-key pinning; the wrapper refuses them too.
 _HOST_KEY_OPTIONS = {
@@ -33,12 +37,35 @@ _HOST_KEY_OPTIONS = {
 
 # tunnelbot-job's own exit statuses (see the script's header).
 _WRAPPER_EXITS = {
-    64: "tunnelbot-job refused its inputs (see the job's log)",
-    69: "tunnelbot-job could not bring the tunnel up (see the job's log for ssh's error)",
+    64: "tunnelbot-job refused its inputs: no or a malformed credential (see the job's log)",
+    69: "tunnelbot-job could not bring the tunnel up: the broker is unreachable or refused the job's key "
+    "(see the job's log for ssh's error)",
     77: "the broker refused the credential (tunnel revoked, expired or unknown)",
     126: "the job command is not executable",
-    127: "the job command was not found (is tunnelbot-job on the job's PATH?)",
+    127: "a command was not found: the job wrapper (tunnelbot-job) or the notebook command is not on the "
+    "job's PATH; set c.TunnelbotSpawnerMixin.job_wrapper to an absolute path",
 }
+
+# Settings that carry trust: where the admin token goes, what runs on the hub or in the job.
+# Once a spawner is constructed (from config), nothing may change them: not a notebook
+# through batchspawner's API handler (see trust.py), not anything else at run time.
+_SEALED = (
+    "broker_url",
+    "broker_token_file",
+    "ssh_host",
+    "ssh_options",
+    "job_wrapper",
+    "credential_dir",
+)
+
+
+def seal_traits(obj: Any, proposal: Any) -> Any:
+    """A traitlets validator body: refuses a new value for a sealed trait."""
+    name = proposal["trait"].name
+    if getattr(obj, "_tunnelbot_sealed", False) and name in obj._trait_values:
+        if proposal["value"] != obj._trait_values[name]:
+            raise TraitError(f"{name} is set by the hub's configuration only")
+    return proposal["value"]
 
 
 def describe_exit(status: int) -> str:
@@ -95,6 +122,7 @@ class TunnelbotSpawnerMixin(Spawner):
 
     @validate("ssh_options")
     def _validate_ssh_options(self, proposal: Dict[str, Any]) -> List[str]:
+        seal_traits(self, proposal)
         options: List[str] = list(proposal["value"])
         for option in options:
             if not option or any(c.isspace() for c in option):
@@ -102,6 +130,19 @@ class TunnelbotSpawnerMixin(Spawner):
             if option.split("=", 1)[0].lower() in _HOST_KEY_OPTIONS:
                 raise TraitError(f"ssh option {option!r} would weaken host-key pinning")
         return options
+
+    credential_dir = Unicode(
+        "",
+        help="""Where the hub drops the job's credential bundle for launchers that run the job on
+        this machine (the local-process spawner): a private 0700 directory per spawn is made in
+        it, holding one 0600 file owned by the job's user, which tunnelbot-job deletes as soon as
+        it has read it (--credential-move). Empty: the system's temp directory. Batch spawners
+        do not use it: their bundle travels inside the batch script.""",
+    ).tag(config=True)
+
+    @validate(*(name for name in _SEALED if name != "ssh_options"))
+    def _validate_sealed(self, proposal: Dict[str, Any]) -> Any:
+        return seal_traits(self, proposal)
 
     default_lifetime = Integer(
         0,
@@ -147,7 +188,16 @@ class TunnelbotSpawnerMixin(Spawner):
     port: int
 
     _tunnelbot_starting: bool = False
-    _tunnelbot_env: Dict[str, str] = {}
+    _tunnelbot_sealed: bool = False
+
+    # A launcher that runs the job elsewhere (over ssh, say) sets this class attribute and
+    # writes credential_stdin, during its start(), to the job's standard input.
+    credential_via_stdin: bool = False
+    credential_stdin: Optional[str] = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._tunnelbot_sealed = True
 
     def broker(self) -> BrokerClient:
         return BrokerClient.from_token_file(self.broker_url, self.broker_token_file, self.broker_timeout)
@@ -162,41 +212,80 @@ class TunnelbotSpawnerMixin(Spawner):
             return walltime + self.lifetime_margin
         return self.default_lifetime or None
 
-    def get_env(self) -> Dict[str, str]:
-        env: Dict[str, str] = super().get_env()
-        env.update(self._tunnelbot_env)
-        return env
-
-    def job_env(self, tunnel: Tunnel) -> Dict[str, str]:
-        """What tunnelbot-job needs, as environment variables for the job."""
+    def job_ssh_host(self, tunnel: Tunnel) -> str:
         host = self.ssh_host or tunnel.ssh_host
         if not host:
             raise RuntimeError(
                 "tunnelbot: the broker has no ssh.public_host; set c.TunnelbotSpawnerMixin.ssh_host "
                 "to the broker's address as the compute nodes see it"
             )
+        return host
+
+    def credential_bundle(self, tunnel: Tunnel) -> str:
+        """The job's credential bundle (a secret: never logged, never in argv or env)."""
         if not tunnel.private_key:
             raise BrokerError(0, "the issue answer carries no private key")
-        env = {
-            "TUNNELBOT_KEY": tunnel.private_key,
-            "TUNNELBOT_KNOWN_HOSTS": pin_known_hosts(tunnel.known_hosts, host, tunnel.ssh_port),
-            "TUNNELBOT_HOST": host,
-            "TUNNELBOT_SSH_PORT": str(tunnel.ssh_port),
-            "TUNNELBOT_SSH_USER": tunnel.ssh_user,
-            "TUNNELBOT_PORT": str(tunnel.port),
-        }
-        if self.ssh_options:
-            env["TUNNELBOT_SSH_OPTIONS"] = " ".join(self.ssh_options)
-        return env
+        return render_bundle(tunnel, self.job_ssh_host(tunnel), list(self.ssh_options))
+
+    def wrapper_argv(self, credential: List[str]) -> List[str]:
+        """The job wrapper's command line up to (not including) Spawner.cmd."""
+        return list(self.job_wrapper) + credential
+
+    def _credential_owner(self) -> Optional[Tuple[int, int]]:
+        """(uid, gid) the credential file must belong to; None: ours (no root)."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            entry = pwd.getpwnam(self.user.name)
+        except KeyError:  # a launcher that runs jobs as the hub's own user
+            return None
+        return entry.pw_uid, entry.pw_gid
+
+    def _drop_credential(self, bundle: str) -> Tuple[Path, Path]:
+        """A private directory holding a 0600 file with the bundle, both the job user's."""
+        base = self.credential_dir or tempfile.gettempdir()
+        directory = Path(tempfile.mkdtemp(prefix="tunnelbot-cred.", dir=base))  # 0700
+        path = directory / "credential"
+        owner = self._credential_owner()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(bundle)
+            if owner is not None:
+                os.chown(path, *owner)
+                os.chown(directory, *owner)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return directory, path
 
     @contextmanager
-    def _wrapped_cmd(self) -> Iterator[None]:
+    def _wrapped_cmd(self, bundle: str) -> Iterator[None]:
+        """Spawner.cmd behind the wrapper, with the bundle in a file the wrapper deletes.
+
+        For launchers that run self.cmd on this machine; batch spawners override this and
+        put the bundle into the batch script instead. A launcher that sets
+        ``credential_via_stdin = True`` gets ``--credential -`` and must feed
+        :attr:`credential_stdin` to the job's standard input (e.g. as a here-document).
+        """
+        if self.credential_via_stdin:
+            original = list(self.cmd)
+            self.cmd = self.wrapper_argv(["--credential", "-"]) + original
+            self.credential_stdin = bundle
+            try:
+                yield
+            finally:
+                self.cmd = original
+                self.credential_stdin = None
+            return
+        directory, path = self._drop_credential(bundle)
         original = list(self.cmd)
-        self.cmd = list(self.job_wrapper) + original
+        self.cmd = self.wrapper_argv(["--credential-move", str(path)]) + original
         try:
             yield
         finally:
             self.cmd = original
+            shutil.rmtree(directory, ignore_errors=True)
 
     async def start(self) -> Tuple[str, int]:
         if self.tunnel_id:  # left over from a spawn nobody cleaned up
@@ -208,8 +297,7 @@ class TunnelbotSpawnerMixin(Spawner):
         self._tunnelbot_starting = True
         launch: Optional[asyncio.Future[Any]] = None
         try:
-            self._tunnelbot_env = self.job_env(tunnel)
-            with self._wrapped_cmd():
+            with self._wrapped_cmd(self.credential_bundle(tunnel)):
                 launch = asyncio.ensure_future(super().start())
                 await self._wait_connected(broker, tunnel, launch)
         except BaseException:
@@ -219,7 +307,6 @@ class TunnelbotSpawnerMixin(Spawner):
             raise
         finally:
             self._tunnelbot_starting = False
-            self._tunnelbot_env = {}  # the key is only needed while the job is launched
         return ("127.0.0.1", tunnel.port)
 
     async def _job_exit_status_while_starting(self) -> Optional[int]:
@@ -267,10 +354,16 @@ class TunnelbotSpawnerMixin(Spawner):
         if not launch.done():
             launch.cancel()
             await asyncio.wait([launch], timeout=self.broker_timeout)
+        if not self._job_launched():
+            return
         try:
             await super().stop(now=True)
-        except Exception:
-            self.log.exception("tunnelbot: could not stop the job of %s after a failed start", self._log_name)
+        except Exception as e:
+            self.log.error("tunnelbot: could not stop the job of %s after a failed start: %s", self._log_name, e)
+
+    def _job_launched(self) -> bool:
+        """Whether the base spawner has something to stop (batch spawners: a job id)."""
+        return True
 
     async def _release(self, tunnel_id: str) -> None:
         """Revoke the tunnel (already gone is fine); the job's ssh is cut off with it."""
