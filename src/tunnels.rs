@@ -1,8 +1,8 @@
 //! A hub-side listener per active grant; each accepted connection goes to a `Bridge` (bridge.rs).
 //!
 //! Each tunnel owns its reserved listener from issue to end, whether or not a job is connected:
-//! the port never changes hands, and a reconnecting job simply replaces the session link (newest
-//! wins). A connection arriving while no job is linked is closed at once. Every accepted
+//! the port never changes hands, and a reconnecting job replaces the session link once its login
+//! has won the credential (`sessions.rs`: only from a session that stopped answering). A connection arriving while no job is linked is closed at once. Every accepted
 //! connection is carried in its own task, so a slow or refusing notebook never stalls the SSH
 //! session or other channels.
 
