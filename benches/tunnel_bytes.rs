@@ -187,6 +187,7 @@ impl Fixture {
                 server_name: String::new(),
                 ttl: Some(Duration::from_secs(3600)),
                 public_key: None,
+                lease_seconds: None,
             })
             .await?;
         let pem = issued.private_key.context("the broker made no key")?;

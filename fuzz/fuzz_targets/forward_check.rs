@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         fingerprint: "SHA256:fuzz".into(),
         created_at: 0,
         expires_at: u64::MAX,
-        ended: None,
+        ..TunnelRecord::default()
     });
     match check_forward(&grant, &address, port) {
         Ok(()) => {
