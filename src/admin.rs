@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State};
@@ -63,7 +63,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/tunnels", get(list).post(issue))
         .route("/api/v1/tunnels/{id}", get(show).delete(revoke))
         .route("/api/v1/tunnels/{id}/renew", post(renew))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::tokens::require_token,
+        ));
     let body_timeout = state.broker.config().admin.body_timeout;
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -160,53 +163,6 @@ pub async fn serve(
 /// A JSON error answer.
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
-}
-
-async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| crate::secret::Secret::new(t.trim()));
-    let Some(token) = presented else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <admin token>'",
-        );
-    };
-    if state.broker.admin_token().matches(token.expose()) {
-        return next.run(req).await;
-    }
-    let dir = state.broker.config().tokens_dir();
-    let (tokens, refused) =
-        tokio::task::spawn_blocking(move || crate::tokens::load_spawner_tokens(&dir))
-            .await
-            .unwrap_or_default();
-    // Every token is compared (no early exit), so the timing does not tell which one is close.
-    let spawner = tokens
-        .iter()
-        .fold(false, |hit, t| hit | t.matches(token.expose()));
-    if !spawner {
-        if !refused.is_empty() {
-            warn!(
-                ?refused,
-                "spawner token files refused; fix their permissions"
-            );
-        }
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "wrong admin token (and not a spawner token)",
-        );
-    }
-    if crate::tokens::spawner_may(req.method(), req.uri().path()) {
-        next.run(req).await
-    } else {
-        error(
-            StatusCode::FORBIDDEN,
-            "a spawner token may only issue, list, show, renew and revoke tunnels",
-        )
-    }
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {
