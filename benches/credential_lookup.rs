@@ -43,8 +43,7 @@ fn table(n: usize) -> (Grants, Vec<TunnelRecord>, Vec<PublicKey>) {
             fingerprint: public.fingerprint(HashAlg::Sha256).to_string(),
             created_at: NOW - 60,
             expires_at: NOW + 8 * 3600,
-            ended: None,
-            auth: Default::default(),
+            ..TunnelRecord::default()
         };
         grants
             .insert(Arc::new(Grant::new(record.clone())))

@@ -188,6 +188,7 @@ impl Fixture {
                 ttl: Some(Duration::from_secs(3600)),
                 public_key: None,
                 auth: Default::default(),
+                lease_seconds: None,
             })
             .await?;
         let pem = issued.private_key.context("the broker made no key")?;

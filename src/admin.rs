@@ -2,15 +2,17 @@
 //!
 //! | route | token | purpose |
 //! |---|---|---|
-//! | `POST /api/v1/tunnels` | yes | issue a tunnel (credential + reserved port) |
-//! | `GET /api/v1/tunnels` | yes | list tunnels with live status |
-//! | `GET /api/v1/tunnels/{id}` | yes | one tunnel |
-//! | `DELETE /api/v1/tunnels/{id}` | yes | revoke |
+//! | `POST /api/v1/tunnels` | admin or spawner | issue a tunnel (credential + reserved port) |
+//! | `GET /api/v1/tunnels` | admin or spawner | list tunnels with live status |
+//! | `GET /api/v1/tunnels/{id}` | admin or spawner | one tunnel |
+//! | `DELETE /api/v1/tunnels/{id}` | admin or spawner | revoke |
+//! | `POST /api/v1/tunnels/{id}/renew` | admin or spawner | extend the expiry, restart the lease |
 //! | `GET /healthz` | no | liveness: the process serves HTTP |
 //! | `GET /readyz` | no | readiness: listeners bound, keys and state loaded, not draining |
 //! | `GET /metrics` | no | Prometheus text; no user names, no secrets |
 //!
-//! The token is compared in constant time. Errors are `{"error": "..."}`.
+//! Which token may do what is `tokens.rs`'s table. Tokens are compared in constant time.
+//! Errors are `{"error": "..."}`.
 //!
 //! `serve` bounds what a client that connects and then goes slow can hold: at most
 //! `admin.max_connections` connections (more are closed at accept, so a flood cannot take the
@@ -35,13 +37,13 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::accept::AcceptErrors;
-use crate::broker::{Broker, IssueError, IssueRequest};
+use crate::broker::{Broker, IssueError, IssueRequest, RenewError};
 use crate::config::AdminConfig;
 use crate::credentials::AuthKind;
 use crate::grants::Grant;
@@ -61,7 +63,11 @@ pub fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route("/api/v1/tunnels", get(list).post(issue))
         .route("/api/v1/tunnels/{id}", get(show).delete(revoke))
-        .layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route("/api/v1/tunnels/{id}/renew", post(renew))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::tokens::require_token,
+        ));
     let body_timeout = state.broker.config().admin.body_timeout;
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
@@ -160,22 +166,6 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        None => error(
-            StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <admin token>'",
-        ),
-        Some(token) if state.broker.admin_token().matches(token.trim()) => next.run(req).await,
-        Some(_) => error(StatusCode::UNAUTHORIZED, "wrong admin token"),
-    }
-}
-
 async fn readyz(State(state): State<AdminState>) -> Response {
     if state.ready.load(Ordering::Acquire) {
         Json(json!({"status": "ready"})).into_response()
@@ -205,6 +195,16 @@ pub struct IssueBody {
     /// "key" (the default) or "certificate".
     #[serde(default)]
     pub auth: AuthKind,
+    /// Lease in seconds; `tunnels.lease` when absent.
+    pub lease_seconds: Option<u64>,
+}
+
+/// The body of `POST /api/v1/tunnels/{id}/renew`; an empty body is all defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    /// New lifetime from now; the lifetime asked at issue when absent.
+    pub ttl_seconds: Option<u64>,
 }
 
 /// A tunnel as the API shows it.
@@ -249,6 +249,18 @@ pub struct TunnelView {
     /// "key" or "certificate": which credential may publish it.
     #[serde(default)]
     pub auth: AuthKind,
+    /// The host the proxy dials to reach `port` (`http://<tunnel_host>:<port>`).
+    #[serde(default)]
+    pub tunnel_host: String,
+    /// The lease in seconds, if the tunnel has one.
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+    /// RFC 3339, once renewed.
+    #[serde(default)]
+    pub renewed_at: Option<String>,
+    /// RFC 3339: when the lease runs out unless renewed, if the tunnel has one.
+    #[serde(default)]
+    pub lease_until: Option<String>,
     /// Only in the answer to an issue request that generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
@@ -285,6 +297,10 @@ fn view(broker: &Broker, grant: &Grant, live: Option<&LiveStatus>) -> TunnelView
         bytes_from_job: live.map_or(0, |l| l.bytes_from_job),
         route: broker.route_state(grant.id()).as_str().into(),
         auth: grant.auth(),
+        tunnel_host: broker.tunnel_host().to_owned(),
+        lease_seconds: grant.lease_seconds(),
+        renewed_at: grant.renewed_at().map(rfc3339),
+        lease_until: grant.lease_until().map(rfc3339),
         private_key: None,
     }
 }
@@ -316,6 +332,7 @@ async fn issue(
         ttl: body.ttl_seconds.map(Duration::from_secs),
         public_key: body.public_key,
         auth: body.auth,
+        lease_seconds: body.lease_seconds,
     };
     match state.broker.issue(req).await {
         Ok(issued) => {
@@ -353,5 +370,31 @@ async fn revoke(State(state): State<AdminState>, Path(id): Path<String>) -> Resp
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => error(StatusCode::NOT_FOUND, format!("no tunnel {id}")),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    }
+}
+
+async fn renew(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: RenewBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RenewBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("renew body: {e}")),
+        }
+    };
+    let ttl = body.ttl_seconds.map(Duration::from_secs);
+    match state.broker.renew(&id, ttl).await {
+        Ok(grant) => {
+            let live = state.broker.get(&id).and_then(|(_, l)| l);
+            Json(view(&state.broker, &grant, live.as_ref())).into_response()
+        }
+        Err(e @ RenewError::NotFound(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ RenewError::Ended { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e @ RenewError::BadRequest(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ RenewError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -44,16 +44,10 @@ impl ChpClient {
                 "no CHP token (chp.token_file or CONFIGPROXY_AUTH_TOKEN): calling CHP's API unauthenticated"
             );
         }
-        let hub = match (&config.hub_api_url, &config.hub_token_file) {
-            (Some(url), Some(file)) => Some((
-                url.trim_end_matches('/').to_owned(),
-                read_secret_file(file).context("chp.hub_token_file")?,
-            )),
-            (Some(_), None) | (None, Some(_)) => {
-                bail!("chp.hub_api_url and chp.hub_token_file go together")
-            }
-            (None, None) => None,
-        };
+        let hub = hub_api(config, &process_env)?;
+        if let Some((url, _)) = &hub {
+            tracing::info!(hub_api_url = %url, "hub API set: the hub is asked to restore its routes after a CHP restart");
+        }
         let http = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
@@ -110,6 +104,41 @@ impl ChpClient {
             Some(t) => req.header("Authorization", format!("token {}", t.expose())),
             None => req,
         })
+    }
+}
+
+/// A variable of this process's environment; unset and empty are the same.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// JupyterHub's API URL and token, each from `[chp]` or else from the environment JupyterHub
+/// gives a managed service (`JUPYTERHUB_API_URL`, `JUPYTERHUB_API_TOKEN`), so a broker the hub
+/// starts as a service needs neither key. One without the other is refused.
+pub fn hub_api(
+    config: &ChpConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<(String, Secret)>> {
+    let url = config
+        .hub_api_url
+        .clone()
+        .or_else(|| env("JUPYTERHUB_API_URL"));
+    let token = match &config.hub_token_file {
+        Some(file) => Some(read_secret_file(file).context("chp.hub_token_file")?),
+        None => env("JUPYTERHUB_API_TOKEN").map(Secret::new),
+    };
+    match (url, token) {
+        (Some(url), Some(token)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("the hub API URL {url:?} must start with http:// or https://");
+            }
+            Ok(Some((url.trim_end_matches('/').to_owned(), token)))
+        }
+        (None, None) => Ok(None),
+        (Some(_), None) | (None, Some(_)) => bail!(
+            "chp.hub_api_url and chp.hub_token_file go together (as do JUPYTERHUB_API_URL and \
+             JUPYTERHUB_API_TOKEN, which JupyterHub gives a managed service)"
+        ),
     }
 }
 
@@ -216,6 +245,53 @@ mod tests {
             ..ChpConfig::default()
         };
         ChpClient::from_config(&config).unwrap()
+    }
+
+    #[test]
+    fn hub_api_from_config_or_the_managed_service_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("hub.token");
+        crate::keys::write_private_file(&file, b"from-file\n").unwrap();
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let service = env(&[
+            ("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api/"),
+            ("JUPYTERHUB_API_TOKEN", "from-env"),
+        ]);
+        let none = env(&[]);
+        let base = ChpConfig::default();
+        assert!(hub_api(&base, &none).unwrap().is_none());
+        let (url, token) = hub_api(&base, &service).unwrap().unwrap();
+        assert_eq!(
+            (url.as_str(), token.expose()),
+            ("http://127.0.0.1:8081/hub/api", "from-env")
+        );
+        // Keys win over the environment, each on its own.
+        let keys = ChpConfig {
+            hub_api_url: Some("http://hub:8081/hub/api".into()),
+            hub_token_file: Some(file),
+            ..ChpConfig::default()
+        };
+        let (url, token) = hub_api(&keys, &service).unwrap().unwrap();
+        assert_eq!(
+            (url.as_str(), token.expose()),
+            ("http://hub:8081/hub/api", "from-file")
+        );
+        let url_only = ChpConfig {
+            hub_api_url: Some("http://hub:8081/hub/api".into()),
+            ..ChpConfig::default()
+        };
+        let (_, token) = hub_api(&url_only, &service).unwrap().unwrap();
+        assert_eq!(token.expose(), "from-env");
+        let err = hub_api(&url_only, &none).unwrap_err();
+        assert!(format!("{err:#}").contains("go together"), "{err:#}");
+        let half = env(&[("JUPYTERHUB_API_TOKEN", "t")]);
+        assert!(hub_api(&base, &half).is_err());
     }
 
     #[test]

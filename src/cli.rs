@@ -1,5 +1,6 @@
-//! The admin commands (`issue`, `list`, `revoke`): a client of the admin API that finds its
-//! address and token from the same config and keys folder as the broker.
+//! The admin commands (`issue`, `list`, `renew`, `revoke`): a client of the admin API that finds
+//! its address and token from the same config and keys folder as the broker; and `token create`,
+//! which writes a spawner token file and needs no running broker.
 
 use std::path::Path;
 use std::time::Duration;
@@ -42,7 +43,12 @@ impl Client {
             || config.keys_dir.join(keys::ADMIN_TOKEN_FILE),
             Path::to_path_buf,
         );
-        let token = keys::read_secret_file(&token_path).with_context(|| {
+        // A token file given by hand may be a spawner token, group-readable by design.
+        let token = match token_file {
+            Some(path) => crate::tokens::read_scoped_file(path),
+            None => keys::read_secret_file(&token_path),
+        }
+        .with_context(|| {
             format!(
                 "reading the admin token (is the broker's keys_dir {}?)",
                 config.keys_dir.display()
@@ -127,6 +133,22 @@ impl Client {
             .with_context(|| format!("calling the admin API at {}", self.base))?
             .status()
             .is_success())
+    }
+
+    /// `POST /api/v1/tunnels/{id}/renew`.
+    pub async fn renew(&self, id: &str, ttl: Option<Duration>) -> anyhow::Result<TunnelView> {
+        let body = match ttl {
+            Some(ttl) => json!({"ttl_seconds": ttl.as_secs()}),
+            None => json!({}),
+        };
+        let (_, v) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v1/tunnels/{id}/renew"),
+                Some(body),
+            )
+            .await?;
+        Ok(serde_json::from_value(v)?)
     }
 
     /// `DELETE /api/v1/tunnels/{id}`.
@@ -223,4 +245,35 @@ pub fn print_table(tunnels: &[TunnelView]) {
             t.id, t.user, t.server_name, t.port, t.state, peer, t.expires_at
         );
     }
+}
+
+/// A lifetime on the command line: whole seconds (`3600`) or a duration (`1h`, `90m`).
+pub fn parse_ttl(text: &str) -> Result<Duration, String> {
+    match text.parse::<u64>() {
+        Ok(secs) => Ok(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
+}
+
+/// `tunnelbot token create --scope spawner --group G [--name N]`: writes the token file (owned
+/// by the keys folder's owner, the broker's user, when it exists) and says where it went and
+/// whether members of `group` can reach it.
+pub fn create_token(config: &Config, group: &str, name: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = config.tokens_dir();
+    let owner = std::fs::metadata(&config.keys_dir)
+        .map(|m| m.uid())
+        .unwrap_or_else(|_| nix::unistd::getuid().as_raw());
+    let path = crate::tokens::create_spawner_token(&dir, name.unwrap_or(group), group, owner)?;
+    println!("{}", path.display());
+    let gid = std::fs::metadata(&path)?.gid();
+    if let Some(blocked) = crate::tokens::unreachable_ancestor(&path, gid) {
+        eprintln!(
+            "warning: members of group {group} cannot pass through {}: give the group search \
+             permission (chgrp {group} DIR; chmod g+x DIR), or set admin.tokens_dir to a folder \
+             they can reach, e.g. /etc/tunnelbot/tokens",
+            blocked.display()
+        );
+    }
+    Ok(())
 }

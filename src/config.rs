@@ -115,6 +115,13 @@ pub struct TunnelsConfig {
     /// Bound on a write to a hub-side client that stopped reading; see `tunnels.rs`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// A tunnel not renewed for this long expires (`expires_at` stays the hard cap); zero is off.
+    /// Also the longest lease an issue request may ask for.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// The host the proxy dials to reach a tunnel's hub port, when not `bind_address` (a proxy
+    /// on another host, or a bind to every interface).
+    pub public_host: Option<String>,
 }
 
 impl Default for TunnelsConfig {
@@ -130,6 +137,8 @@ impl Default for TunnelsConfig {
             max_ttl: Duration::from_secs(7 * 24 * 3600),
             retention: Duration::from_secs(3600),
             write_timeout: Duration::from_secs(10),
+            lease: Duration::ZERO,
+            public_host: None,
         }
     }
 }
@@ -151,6 +160,8 @@ pub struct AdminConfig {
     pub body_timeout: Duration,
     /// Connections open at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
+    /// Where scoped tokens (`spawner-*.token`) are read from; `<keys_dir>/tokens` when unset.
+    pub tokens_dir: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -161,6 +172,7 @@ impl Default for AdminConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             max_connections: 64,
+            tokens_dir: None,
         }
     }
 }
@@ -177,8 +189,9 @@ pub struct ChpConfig {
     pub token_file: Option<PathBuf>,
     /// JupyterHub's `base_url`.
     pub base_url: String,
-    /// The host written into route targets; must equal what the spawner returns.
-    pub target_host: String,
+    /// The host written into route targets: the older name of `tunnels.public_host`, kept as
+    /// an alias; the two must agree when both are set.
+    pub target_host: Option<String>,
     /// How often CHP's table is compared with the live tunnels.
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
@@ -196,7 +209,7 @@ impl Default for ChpConfig {
             api_url: "http://127.0.0.1:8001".into(),
             token_file: None,
             base_url: "/".into(),
-            target_host: "127.0.0.1".into(),
+            target_host: None,
             reconcile_interval: Duration::from_secs(5),
             hub_api_url: None,
             hub_token_file: None,
@@ -450,33 +463,90 @@ impl Config {
                 self.chp.base_url
             );
             ensure!(
-                !self.chp.target_host.is_empty(),
-                "chp.target_host must not be empty"
-            );
-            ensure!(
                 !self.chp.reconcile_interval.is_zero(),
                 "chp.reconcile_interval must be above zero"
             );
-            ensure!(
-                self.chp.hub_api_url.is_some() == self.chp.hub_token_file.is_some(),
-                "chp.hub_api_url and chp.hub_token_file go together"
-            );
-            for (key, file) in [
-                ("chp.token_file", &self.chp.token_file),
-                ("chp.hub_token_file", &self.chp.hub_token_file),
-            ] {
-                if let Some(path) = file {
-                    crate::keys::check_private_file(path).context(key)?;
-                }
+            if let Some(path) = &self.chp.token_file {
+                crate::keys::check_private_file(path).context("chp.token_file")?;
+            }
+            crate::chp::hub_api(&self.chp, &crate::chp::process_env)?;
+        }
+        ensure!(
+            self.tunnels.lease <= self.tunnels.max_ttl,
+            "tunnels.lease ({}) must be at most tunnels.max_ttl ({})",
+            humantime::format_duration(self.tunnels.lease),
+            humantime::format_duration(self.tunnels.max_ttl)
+        );
+        self.tunnel_host()?;
+        Ok(())
+    }
+
+    /// The host the proxy dials to reach hub ports, as it goes into `http://<host>:<port>`
+    /// (an IPv6 address in brackets): `tunnels.public_host`, else its alias `chp.target_host`,
+    /// else `tunnels.bind_address`. A bind to every interface names no host, so it needs one.
+    pub fn tunnel_host(&self) -> anyhow::Result<String> {
+        let public = self
+            .tunnels
+            .public_host
+            .as_deref()
+            .map(|h| url_host(h).context("tunnels.public_host"))
+            .transpose()?;
+        let alias = self
+            .chp
+            .target_host
+            .as_deref()
+            .map(|h| url_host(h).context("chp.target_host"))
+            .transpose()?;
+        match (public, alias) {
+            (Some(p), Some(a)) if p != a => bail!(
+                "tunnels.public_host {p:?} and chp.target_host {a:?} differ: both name the host \
+                 the proxy dials to reach tunnels; set only tunnels.public_host"
+            ),
+            (Some(h), _) | (None, Some(h)) => Ok(h),
+            (None, None) => {
+                let ip = self.tunnels.bind_address;
+                ensure!(
+                    !ip.is_unspecified(),
+                    "tunnels.bind_address {ip} listens on every interface and names no host: \
+                     set tunnels.public_host to the name or address the proxy dials"
+                );
+                url_host(&ip.to_string())
             }
         }
-        Ok(())
+    }
+
+    /// Where scoped tokens are read from.
+    pub fn tokens_dir(&self) -> PathBuf {
+        self.admin
+            .tokens_dir
+            .clone()
+            .unwrap_or_else(|| self.keys_dir.join("tokens"))
     }
 
     /// The port jobs are told to connect to.
     pub fn ssh_public_port(&self, bound: SocketAddr) -> u16 {
         self.ssh.public_port.unwrap_or(bound.port())
     }
+}
+
+/// `host` as it goes into a URL: an IPv6 address bracketed, anything that would change the
+/// URL's meaning (scheme, port, path, user info, white space) refused.
+fn url_host(host: &str) -> anyhow::Result<String> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if bare.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(format!("[{bare}]"));
+    }
+    ensure!(
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'),
+        "{host:?} must be a host name or an IP address (letters, digits, '-', '.', '_')"
+    );
+    Ok(host.to_owned())
 }
 
 #[cfg(test)]
@@ -569,8 +639,49 @@ mod tests {
     fn chp_token_files_are_checked_up_front() {
         let c = Config::parse("[chp]\ntoken_file = \"/nonexistent/chp.token\"\n").unwrap();
         assert!(format!("{:#}", c.validate().unwrap_err()).contains("chp.token_file"));
-        let c = Config::parse("[chp]\nhub_api_url = \"http://127.0.0.1:8081/hub/api\"\n").unwrap();
-        assert!(format!("{:#}", c.validate().unwrap_err()).contains("go together"));
+    }
+
+    #[test]
+    fn tunnel_host_from_public_host_alias_or_bind() {
+        let host = |text: &str| Config::parse(text).unwrap().tunnel_host();
+        assert_eq!(host("").unwrap(), "127.0.0.1");
+        assert_eq!(
+            host("[tunnels]\nbind_address = \"::1\"\n").unwrap(),
+            "[::1]"
+        );
+        let all = "[tunnels]\nbind_address = \"0.0.0.0\"\n";
+        assert!(format!("{:#}", host(all).unwrap_err()).contains("public_host"));
+        assert_eq!(
+            host(&format!("{all}public_host = \"hub.internal\"\n")).unwrap(),
+            "hub.internal"
+        );
+        // The old key still works, and agreeing with the new one is fine; differing is refused.
+        assert_eq!(
+            host("[chp]\ntarget_host = \"10.0.0.5\"\n").unwrap(),
+            "10.0.0.5"
+        );
+        let both = |a: &str, b: &str| {
+            host(&format!(
+                "[tunnels]\npublic_host = \"{a}\"\n[chp]\ntarget_host = \"{b}\"\n"
+            ))
+        };
+        assert_eq!(both("h", "h").unwrap(), "h");
+        assert_eq!(both("::1", "[::1]").unwrap(), "[::1]");
+        assert!(format!("{:#}", both("a", "b").unwrap_err()).contains("differ"));
+        for bad in ["", "h:80", "http://h", "a b", "u@h", "h/x"] {
+            let text = format!("[tunnels]\npublic_host = {bad:?}\n");
+            assert!(Config::parse(&text).unwrap().validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lease_is_bounded_by_max_ttl() {
+        let c = Config::parse("[tunnels]\nlease = \"5m\"\n").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tunnels.lease, Duration::from_secs(300));
+        assert!(Config::default().tunnels.lease.is_zero());
+        let c = Config::parse("[tunnels]\nlease = \"8d\"\n").unwrap();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("tunnels.lease"));
     }
 
     #[test]

@@ -3,6 +3,11 @@
 //! The folder is 0700 and every file in it 0600. A folder found looser is tightened (we own it);
 //! a secret file found looser is refused, as OpenSSH refuses an unprotected private key, because
 //! someone else may already have read it.
+//!
+//! One deliberate exception: the keys folder may be 0710, search without read for its group,
+//! so that group can reach spawner tokens in `<keys_dir>/tokens` (0750, see `tokens.rs`) by
+//! name. It can list nothing and every other file here stays 0600, so the host key and the
+//! admin token stay private; any other looser bit is still tightened.
 
 use std::fs;
 use std::io::Write;
@@ -43,7 +48,7 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Loads the keys in `dir`, creating the folder, host key and token the first time.
     pub fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
-        ensure_private_dir(dir)?;
+        ensure_dir(dir, 0o010)?;
         let key_path = dir.join(HOST_KEY_FILE);
         let host_key = if key_path.exists() {
             check_private_file(&key_path)?;
@@ -116,6 +121,11 @@ pub fn read_secret_file(path: &Path) -> anyhow::Result<Secret> {
 
 /// Creates `dir` 0700, or tightens an existing one that is looser.
 pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
+    ensure_dir(dir, 0)
+}
+
+/// Creates `dir` 0700, or tightens an existing one to 0700 plus whichever `allowed` bits it had.
+fn ensure_dir(dir: &Path, allowed: u32) -> anyhow::Result<()> {
     if !dir.exists() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -129,10 +139,11 @@ pub fn ensure_private_dir(dir: &Path) -> anyhow::Result<()> {
         bail!("{} is not a directory", dir.display());
     }
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        warn!(path = %dir.display(), mode = format!("{mode:o}"), "tightening folder to 0700");
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+    if mode & 0o077 & !allowed != 0 {
+        let tight = 0o700 | (mode & allowed);
+        warn!(path = %dir.display(), mode = format!("{mode:o}"), to = format!("{tight:o}"), "tightening folder");
+        fs::set_permissions(dir, fs::Permissions::from_mode(tight))
+            .with_context(|| format!("chmod {tight:o} {}", dir.display()))?;
     }
     Ok(())
 }
@@ -202,12 +213,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("keys");
         Keys::load_or_create(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o764)).unwrap();
         Keys::load_or_create(&dir).unwrap();
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
         );
+        // Group search is kept (spawner tokens below it), group read is not.
+        for (set, kept) in [(0o710, 0o710), (0o750, 0o710), (0o711, 0o710)] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(set)).unwrap();
+            Keys::load_or_create(&dir).unwrap();
+            let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, kept, "{set:o}");
+        }
         let token = dir.join(ADMIN_TOKEN_FILE);
         fs::set_permissions(&token, fs::Permissions::from_mode(0o644)).unwrap();
         let err = Keys::load_or_create(&dir).unwrap_err();

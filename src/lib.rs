@@ -11,6 +11,7 @@
 //! - `sessions` one live login per credential, the liveness probe, telling a session to go
 //! - `credentials` the credential seam: certificates from the site's CA, their KRL
 //! - `grants`   issued-key credentials: login and forward decisions (plain Rust)
+//! - `lease`    renewal and lease rules (plain Rust); `broker::renew` applies them
 //! - `tunnels`  a listener per active grant, linked to the job's session
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `reload`   SIGHUP: the credential files read again
@@ -22,6 +23,7 @@
 //! - `transport` the session's socket: cut from outside (revoke, expiry), quick ACKs at login
 //! - `handler`  the thin russh handler: logins, the one forward, refusals
 //! - `admin`    the loopback HTTP API, with header/body timeouts and a connection cap
+//! - `tokens`   which token may call what: the admin token, spawner tokens from files
 //! - `accept`   accept errors: back-off and rate-bounded warnings, for every accept loop
 //! - `descriptors` RLIMIT_NOFILE raised at start; a config that cannot fit is refused
 //! - `metrics`  the Prometheus registry passed to every component
@@ -44,6 +46,7 @@ pub mod descriptors;
 pub mod grants;
 mod handler;
 pub mod keys;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod names;
@@ -56,6 +59,7 @@ pub mod sessions;
 pub mod shutdown;
 pub mod ssh;
 pub mod store;
+pub mod tokens;
 pub mod transport;
 pub mod tunnels;
 

@@ -99,6 +99,43 @@ enum Command {
         #[command(flatten)]
         api: Api,
     },
+    /// Renew a tunnel: expires TTL from now (default: its lifetime as issued); restarts its lease.
+    Renew {
+        /// Tunnel id.
+        id: String,
+        /// New lifetime from now: seconds, or e.g. 8h.
+        #[arg(long, value_parser = cli::parse_ttl)]
+        ttl: Option<Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: Api,
+    },
+    /// Scoped admin API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Write a new token file into admin.tokens_dir (0640, readable by GROUP) and print its path.
+    Create {
+        /// What the token may do: spawner = issue, list, show, renew and revoke tunnels.
+        #[arg(long, value_enum)]
+        scope: TokenScope,
+        /// The group (by name) that may read the token: the hub's.
+        #[arg(long)]
+        group: String,
+        /// The file is spawner-NAME.token; default: the group's name. Replacing one revokes it.
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenScope {
+    Spawner,
 }
 
 #[derive(clap::Args)]
@@ -232,6 +269,22 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             println!("revoked {id}");
             Ok(())
         }
+        Command::Renew { id, ttl, json, api } => {
+            let client =
+                cli::Client::new(&config, api.admin_url.as_deref(), api.token_file.as_deref())?;
+            let t = client.renew(&id, ttl).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?)
+            } else {
+                println!("renewed {id} until {}", t.expires_at);
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::Create {
+            scope: TokenScope::Spawner,
+            group,
+            name,
+        }) => cli::create_token(&config, &group, name.as_deref()),
     }
 }
 

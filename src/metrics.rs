@@ -44,6 +44,8 @@ pub struct Metrics {
     pub chp_up: IntGauge,
     /// Tunnels ended, by reason (revoked, expired, replaced).
     pub tunnel_revocations: IntCounterVec,
+    /// Renewal requests, by result (`ok`, `refused`: ended or a bad request, `error`: the store).
+    pub tunnel_renewals: IntCounterVec,
     /// Ports of the range not reserved by a tunnel.
     pub ports_free: IntGauge,
     /// Ports in the configured range.
@@ -167,6 +169,11 @@ impl Metrics {
                 "Tunnel sessions ended by the broker, by reason.",
                 &["reason"],
             )?,
+            tunnel_renewals: counter_vec(
+                "tunnelbot_tunnel_renewals_total",
+                "Tunnel renewal requests, by result.",
+                &["result"],
+            )?,
             ports_free: gauge(
                 "tunnelbot_ports_free",
                 "Hub ports not reserved by a tunnel.",
@@ -233,6 +240,9 @@ impl Metrics {
         }
         for r in ["revoked", "expired", "replaced"] {
             self.tunnel_revocations.with_label_values(&[r]);
+        }
+        for r in ["ok", "refused", "error"] {
+            self.tunnel_renewals.with_label_values(&[r]);
         }
         for k in [
             "login_timeout",

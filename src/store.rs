@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 
 const TUNNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("tunnels_v1");
 
-/// One issued tunnel, as stored. Times are Unix seconds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One issued tunnel, as stored. Times are Unix seconds. Fields added after the first release
+/// have serde defaults, so records written by older versions still load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunnelRecord {
     /// Opaque id, `tb_` + 32 hex digits.
     pub id: String,
@@ -31,7 +32,7 @@ pub struct TunnelRecord {
     pub fingerprint: String,
     /// When it was issued.
     pub created_at: u64,
-    /// When the credential stops working.
+    /// When the credential stops working at the latest; a renewal moves it.
     pub expires_at: u64,
     /// Set once the tunnel is revoked or has expired.
     #[serde(default)]
@@ -39,6 +40,34 @@ pub struct TunnelRecord {
     /// The kind of credential that may publish it (records from before certificates: a key).
     #[serde(default)]
     pub auth: crate::credentials::AuthKind,
+    /// The lifetime asked for at issue, in seconds: what a renewal without `ttl_seconds`
+    /// extends by. None in records from before renewals existed.
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// The lease, in seconds: the tunnel expires this long after its last renewal (or its
+    /// issue) unless renewed again. None: no lease.
+    #[serde(default)]
+    pub lease_seconds: Option<u64>,
+    /// The last renewal; None until the first.
+    #[serde(default)]
+    pub renewed_at: Option<u64>,
+}
+
+impl TunnelRecord {
+    /// When the lease runs out, if there is one.
+    pub fn lease_until(&self) -> Option<u64> {
+        self.lease_seconds.map(|lease| {
+            self.renewed_at
+                .unwrap_or(self.created_at)
+                .saturating_add(lease)
+        })
+    }
+
+    /// When the credential stops working: the hard expiry or the lease, whichever is first.
+    pub fn deadline(&self) -> u64 {
+        self.lease_until()
+            .map_or(self.expires_at, |l| l.min(self.expires_at))
+    }
 }
 
 /// Why and when a tunnel ended.
@@ -151,9 +180,43 @@ mod tests {
             fingerprint: "SHA256:x".into(),
             created_at: 1,
             expires_at: 2,
-            ended: None,
-            auth: Default::default(),
+            ..TunnelRecord::default()
         }
+    }
+
+    /// A record written before leases and renewals (no such fields) still loads, with none.
+    #[test]
+    fn records_from_older_versions_load() {
+        let old = r#"{"id":"tb_1","user":"alice","server_name":"","port":20001,
+            "public_key":"ssh-ed25519 AAAA","fingerprint":"SHA256:x","created_at":10,
+            "expires_at":100,"ended":null}"#;
+        let r: TunnelRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (r.ttl_seconds, r.lease_seconds, r.renewed_at),
+            (None, None, None)
+        );
+        assert_eq!((r.lease_until(), r.deadline()), (None, 100));
+        let tmp = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(tmp.path()).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(TUNNELS)
+            .unwrap()
+            .insert("tb_1", old.as_bytes())
+            .unwrap();
+        txn.commit().unwrap();
+        assert_eq!(store.load().unwrap(), vec![r]);
+    }
+
+    #[test]
+    fn the_lease_or_the_expiry_whichever_is_first() {
+        let mut r = record("a");
+        r.expires_at = 1000;
+        r.lease_seconds = Some(60);
+        assert_eq!((r.lease_until(), r.deadline()), (Some(61), 61));
+        r.renewed_at = Some(990);
+        assert_eq!((r.lease_until(), r.deadline()), (Some(1050), 1000));
+        r.lease_seconds = Some(u64::MAX);
+        assert_eq!(r.deadline(), 1000);
     }
 
     #[test]

@@ -35,8 +35,7 @@ fuzz_target!(|data: &[u8]| {
         fingerprint: "SHA256:fuzz".into(),
         created_at: 0,
         expires_at: u64::MAX,
-        ended: None,
-        auth: Default::default(),
+        ..TunnelRecord::default()
     });
     let bind = IpAddr::from([127, 0, 0, 1]);
     match check_forward(&grant, bind, &address, port) {

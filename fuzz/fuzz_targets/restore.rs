@@ -96,6 +96,14 @@ fn record(u: &mut Unstructured, now: u64) -> Result<TunnelRecord> {
         } else {
             None
         },
+        ttl_seconds: u.arbitrary()?,
+        // Any lease and renewal time, so lease arithmetic meets extreme values too.
+        lease_seconds: u.arbitrary()?,
+        renewed_at: if u.arbitrary()? {
+            Some(time(u, now)?)
+        } else {
+            None
+        },
     })
 }
 

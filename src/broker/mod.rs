@@ -23,6 +23,8 @@ use crate::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
 use crate::tunnels::{Link, LiveStatus, Tunnels};
 
 mod certificates;
+mod renew;
+pub use renew::RenewError;
 
 /// Why a login whose key was valid was still turned away; the session is told the message.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,8 @@ pub struct IssueRequest {
     pub public_key: Option<String>,
     /// Which credential may publish it: an issued key, or the user's CA certificates.
     pub auth: AuthKind,
+    /// Lease in seconds; `tunnels.lease` when None (see `lease::issue_lease`).
+    pub lease_seconds: Option<u64>,
 }
 
 /// A freshly issued tunnel.
@@ -122,6 +126,8 @@ struct Inner {
     store: Arc<dyn Store>,
     metrics: Metrics,
     ssh_port: u16,
+    /// Where the proxy reaches hub ports (`Config::tunnel_host`).
+    tunnel_host: String,
     routes: Option<Routes>,
     failures: crate::limits::FailureLimiter,
     authority: Authority,
@@ -150,6 +156,7 @@ impl Broker {
         };
         let tunnels = Tunnels::new(Arc::clone(&ports), metrics.clone(), carry);
         let ssh_port = config.ssh_public_port(ssh_addr);
+        let tunnel_host = config.tunnel_host()?;
         metrics
             .ports_total
             .set(i64::try_from(config.tunnels.ports.len()).unwrap_or(i64::MAX));
@@ -158,7 +165,7 @@ impl Broker {
             Some(Routes::new(
                 backend,
                 config.chp.base_url.clone(),
-                config.chp.target_host.clone(),
+                tunnel_host.clone(),
                 config.tunnels.ports,
                 config.chp.reconcile_interval,
                 metrics.clone(),
@@ -180,6 +187,7 @@ impl Broker {
                 store,
                 metrics,
                 ssh_port,
+                tunnel_host,
                 failures,
                 routes,
                 authority,
@@ -198,9 +206,9 @@ impl Broker {
         let now = unix_now();
         let (mut active, mut kept) = (0, 0);
         for mut record in records {
-            if record.ended.is_none() && now >= record.expires_at {
+            if record.ended.is_none() && now >= record.deadline() {
                 record.ended = Some(Ended {
-                    at: record.expires_at,
+                    at: record.deadline(),
                     reason: EndReason::Expired,
                 });
                 info!(target: "audit", event = "expired", tunnel = %record.id, user = %record.user, server = %record.server_name, port = record.port, "expired while the broker was down");
@@ -269,6 +277,11 @@ impl Broker {
         self.inner.ssh_port
     }
 
+    /// The host the proxy dials to reach a hub port.
+    pub fn tunnel_host(&self) -> &str {
+        &self.inner.tunnel_host
+    }
+
     /// The `known_hosts` line handed to jobs.
     pub fn known_hosts_line(&self) -> String {
         self.inner.keys.known_hosts_line(
@@ -284,19 +297,9 @@ impl Broker {
             .map_err(|e| IssueError::BadRequest(e.to_string()))?;
         let cfg = &self.inner.config.tunnels;
         let ttl = req.ttl.unwrap_or(cfg.default_ttl);
-        if ttl.is_zero() {
-            return Err(IssueError::BadRequest(
-                "ttl_seconds must be above zero".into(),
-            ));
-        }
-        if ttl > cfg.max_ttl {
-            return Err(IssueError::BadRequest(format!(
-                "ttl_seconds {} is over the maximum {} ({})",
-                ttl.as_secs(),
-                cfg.max_ttl.as_secs(),
-                humantime::format_duration(cfg.max_ttl)
-            )));
-        }
+        crate::lease::check_ttl(ttl, cfg).map_err(IssueError::BadRequest)?;
+        let lease_seconds =
+            crate::lease::issue_lease(req.lease_seconds, cfg).map_err(IssueError::BadRequest)?;
         let id = new_id();
         let (public_text, fingerprint, private_key) = match req.auth {
             AuthKind::Key => self.key_material(req.public_key.as_deref())?,
@@ -334,6 +337,9 @@ impl Broker {
             expires_at,
             ended: None,
             auth: req.auth,
+            ttl_seconds: Some(ttl.as_secs()),
+            lease_seconds,
+            renewed_at: None,
         };
         let grant = Arc::new(Grant::new(record.clone()));
         if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
@@ -353,7 +359,7 @@ impl Broker {
         self.inner.tunnels.start(Arc::clone(&grant), Some(listener));
         self.inner.metrics.tunnels_issued.inc();
         self.update_port_gauge();
-        info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), generated_key = private_key.is_some(), auth = grant.auth().as_str(), "tunnel issued");
+        info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), lease_seconds = grant.lease_seconds(), generated_key = private_key.is_some(), auth = grant.auth().as_str(), "tunnel issued");
         Ok(Issued { grant, private_key })
     }
 
@@ -427,6 +433,8 @@ impl Broker {
             .inc();
         self.update_port_gauge();
         info!(target: "audit", event = reason.as_str(), tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), "tunnel ended");
+        // After a renewal in flight has stored its record, so this end is the last write.
+        let _writes = grant.writes().lock().await;
         self.persist(grant.to_record())
             .await
             .context("the tunnel is ended in memory, but the state store could not record it")
@@ -438,7 +446,10 @@ impl Broker {
         let retention = self.inner.config.tunnels.retention.as_secs();
         for grant in self.inner.grants.all() {
             match grant.ended() {
-                None if now >= grant.expires_at() => {
+                None if now >= grant.deadline() => {
+                    if grant.deadline() < grant.expires_at() {
+                        info!(target: "audit", event = "lease_lapsed", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), renewed_at = grant.renewed_at(), "not renewed within its lease");
+                    }
                     if let Err(e) = self.end(&grant, EndReason::Expired).await {
                         error!(tunnel = %grant.id(), error = %format!("{e:#}"), "expiry not persisted");
                     }
@@ -525,7 +536,7 @@ impl Broker {
         let ended = grant
             .ended()
             .map(|e| e.reason)
-            .or_else(|| (unix_now() >= grant.expires_at()).then_some(EndReason::Expired));
+            .or_else(|| (unix_now() >= grant.deadline()).then_some(EndReason::Expired));
         if let Some(reason) = ended {
             sessions.release(grant.id(), id);
             return Err(match reason {
@@ -555,7 +566,7 @@ impl Broker {
         link: Arc<Link>,
     ) -> Result<u16, ForwardRefusal> {
         check_forward(grant, self.inner.config.tunnels.bind_address, address, port)?;
-        if grant.ended().is_some() || unix_now() >= grant.expires_at() {
+        if grant.ended().is_some() || unix_now() >= grant.deadline() {
             return Err(ForwardRefusal::Ended);
         }
         let port = self.inner.tunnels.attach(grant.id(), link)?;
@@ -567,7 +578,7 @@ impl Broker {
                     &chp.base_url,
                     grant.user(),
                     grant.server_name(),
-                    &chp.target_host,
+                    &self.inner.tunnel_host,
                     port,
                 ),
             );
@@ -672,7 +683,7 @@ mod tests {
             created_at: 0,
             expires_at,
             ended,
-            auth: Default::default(),
+            ..TunnelRecord::default()
         };
         store
             .put(&record(

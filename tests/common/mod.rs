@@ -809,6 +809,15 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts `tunnelbot serve --config <config>` and waits (bounded) for its ready file.
     pub async fn start(dir: &Path, config: &Path) -> anyhow::Result<Self> {
+        Self::start_env(dir, config, &[]).await
+    }
+
+    /// `start` with `env` added to the child's environment.
+    pub async fn start_env(
+        dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -823,6 +832,7 @@ impl BrokerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
+            .envs(env.iter().copied())
             .kill_on_drop(true)
             .spawn()?;
         let deadline = tokio::time::Instant::now() + WAIT;
