@@ -242,6 +242,10 @@ pub struct TunnelView {
     pub bytes_from_job: u64,
     /// The proxy route's state.
     pub route: String,
+    /// Whether the broker holds the tunnel's port (false for an ended tunnel).
+    pub listening: bool,
+    /// Why an active tunnel's port is not held, e.g. "port held by another process".
+    pub listen_error: Option<String>,
     /// Only in the answer to an issue request that generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
@@ -277,6 +281,8 @@ fn view(broker: &Broker, grant: &Grant, live: Option<&LiveStatus>) -> TunnelView
         bytes_to_job: live.map_or(0, |l| l.bytes_to_job),
         bytes_from_job: live.map_or(0, |l| l.bytes_from_job),
         route: broker.route_state(grant.id()).as_str().into(),
+        listening: live.is_some_and(|l| l.listening),
+        listen_error: live.and_then(|l| l.listen_error).map(str::to_owned),
         private_key: None,
     }
 }
