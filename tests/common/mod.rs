@@ -807,7 +807,17 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts `tunnelbot serve --config <config>` and waits (bounded) for its ready file.
     pub async fn start(dir: &Path, config: &Path) -> anyhow::Result<Self> {
-        Self::start_via(dir, config, Command::new(env!("CARGO_BIN_EXE_tunnelbot"))).await
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tunnelbot"));
+        // Not under a service manager, even when the test runner is (its socket is not ours).
+        for var in [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        ] {
+            command.env_remove(var);
+        }
+        Self::start_via(dir, config, command).await
     }
 
     /// As `start`, through `command`: the broker binary, or a wrapper that ends in it (so the
