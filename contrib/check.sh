@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Checks everything under contrib/ against the real broker: the alert rules (promtool check
 # and unit tests), the metric and label names in the dashboard and the rules (against
-# src/metrics.rs), the systemd unit (systemd-analyze verify), the production config
-# (`tunnelbot check`) and the nftables rule (loaded in a network namespace of its own:
-# nftables/check.sh).
+# src/metrics.rs), the systemd unit (systemd-analyze verify; its descriptor store holds the
+# whole port range), the production config (`tunnelbot check`) and the nftables rule (loaded
+# in a network namespace of its own: nftables/check.sh).
 #
 #   TUNNELBOT_BIN=target/debug/tunnelbot bash contrib/check.sh
 #
@@ -156,6 +156,15 @@ if grep -q '^ExecStart=/usr/local/bin/tunnelbot .*--config /etc/tunnelbot/tunnel
     pass "unit and config agree: /etc/tunnelbot/tunnelbot.toml, state under /var/lib/tunnelbot"
 else
     fail "unit ExecStart/StateDirectory and config keys_dir/state_dir disagree"
+fi
+# Every reserved port's listener fits systemd's descriptor store, so a restart frees none.
+range="$(sed -n 's/^ports = "\([0-9]*\)-\([0-9]*\)"$/\1 \2/p' "$config")"
+store_max="$(sed -n 's/^FileDescriptorStoreMax=\([0-9]*\)$/\1/p' "$unit")"
+if read -r first last <<<"$range" && [ -n "${first:-}" ] && [ -n "$store_max" ] &&
+    [ "$store_max" -ge $((last - first + 1)) ] && grep -q '^Type=notify$' "$unit"; then
+    pass "Type=notify and FileDescriptorStoreMax=$store_max holds tunnels.ports $first-$last"
+else
+    fail "unit needs Type=notify and FileDescriptorStoreMax >= the size of tunnels.ports (${range:-?})"
 fi
 # The ExecStart argument order, with the real binary (--check parses, validates, exits).
 cmdline="$(sed -n 's#^ExecStart=/usr/local/bin/tunnelbot ##p' "$unit")"

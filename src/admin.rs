@@ -261,6 +261,10 @@ pub struct TunnelView {
     /// RFC 3339: when the lease runs out unless renewed, if the tunnel has one.
     #[serde(default)]
     pub lease_until: Option<String>,
+    /// Whether the broker holds the tunnel's port (false for an ended tunnel).
+    pub listening: bool,
+    /// Why an active tunnel's port is not held, e.g. "port held by another process".
+    pub listen_error: Option<String>,
     /// Only in the answer to an issue request that generated the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key: Option<String>,
@@ -301,6 +305,8 @@ fn view(broker: &Broker, grant: &Grant, live: Option<&LiveStatus>) -> TunnelView
         lease_seconds: grant.lease_seconds(),
         renewed_at: grant.renewed_at().map(rfc3339),
         lease_until: grant.lease_until().map(rfc3339),
+        listening: live.is_some_and(|l| l.listening),
+        listen_error: live.and_then(|l| l.listen_error).map(str::to_owned),
         private_key: None,
     }
 }

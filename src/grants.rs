@@ -223,9 +223,15 @@ pub enum ForwardRefusal {
     /// The grant ended while the session was up.
     #[error("credential no longer valid")]
     Ended,
-    /// The reserved port could not be bound (another process holds it).
-    #[error("reserved port unavailable")]
-    PortUnavailable,
+    /// The reserved port is not bound by the broker (another process holds it, typically one
+    /// that bound it while the broker restarted); it is retried in the background.
+    #[error("reserved port {port} unavailable ({reason})")]
+    PortUnavailable {
+        /// The tunnel's port.
+        port: u16,
+        /// Why, e.g. "port held by another process".
+        reason: &'static str,
+    },
     /// Unix-socket forwards are never granted.
     #[error("unix socket forwarding is not allowed")]
     UnixSocket,
@@ -271,7 +277,7 @@ impl ForwardRefusal {
             Self::AlreadyForwarding => "already_forwarding",
             Self::NotAuthenticated => "not_authenticated",
             Self::Ended => "ended",
-            Self::PortUnavailable => "port_unavailable",
+            Self::PortUnavailable { .. } => "port_unavailable",
             Self::UnixSocket => "unix_socket",
             Self::InUse => "in_use",
             Self::NoTunnel => "no_tunnel",

@@ -6,6 +6,7 @@
 //! - `keys`     keys folder: host key and admin token, permissions
 //! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam
 //! - `ports`    the hub port pool; a reservation is a bound listener
+//! - `fdstore`  systemd: READY=1, and the descriptor store that keeps reserved ports across restarts
 //! - `limits`   per-source failed-login reporting
 //! - `preauth`  connections not logged in yet: bounded in total and per source
 //! - `sessions` one live login per credential, the liveness probe, telling a session to go
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod descriptors;
+pub mod fdstore;
 pub mod grants;
 mod handler;
 pub mod keys;
@@ -81,6 +83,9 @@ pub use config::Config;
 /// How long sessions get to leave once shutdown starts.
 const DRAIN: Duration = Duration::from_secs(8);
 
+/// How long deleting the proxy routes may take at shutdown, before the listeners close anyway.
+const WITHDRAW: Duration = Duration::from_secs(3);
+
 /// The listeners `run` serves, bound by the caller.
 #[derive(Debug)]
 pub struct Listeners {
@@ -115,20 +120,36 @@ impl Listeners {
 
 /// Loads keys and state and restores every stored tunnel; binds nothing but tunnel ports.
 pub async fn open(config: Config, ssh_addr: SocketAddr) -> anyhow::Result<Broker> {
+    open_with_fd_store(config, ssh_addr, fdstore::FdStore::disabled()).await
+}
+
+/// As `open`, keeping tunnel listeners in the service manager's store `fds` and adopting the
+/// ones it passed back (`FdStore::from_env`).
+pub async fn open_with_fd_store(
+    config: Config,
+    ssh_addr: SocketAddr,
+    fds: fdstore::FdStore,
+) -> anyhow::Result<Broker> {
     let keys = keys::Keys::load_or_create(&config.keys_dir)?;
     let store = store::RedbStore::open(&config.state_dir)?;
     let metrics = metrics::Metrics::new()?;
-    Broker::open(config, keys, Arc::new(store), metrics, ssh_addr).await
+    let fds = Arc::new(fds);
+    Broker::open_with_fd_store(config, keys, Arc::new(store), metrics, ssh_addr, fds).await
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, tells every job "broker shutting
-/// down" and waits a bounded time for sessions to end.
+/// Serves until `shutdown` resolves, then, in this order: deletes the broker's proxy routes
+/// (at most 3 s), stops accepting, tells every job "broker shutting down", waits a bounded
+/// time for sessions to end, and closes the tunnel listeners last. The proxy therefore never
+/// routes to a port the broker has let go.
 pub async fn run(
     broker: Broker,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    // The route worker stops first, on its own token, so nothing writes a route once the
+    // withdrawal has begun.
+    let routes_cancel = CancellationToken::new();
     let sessions = TaskTracker::new();
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -137,7 +158,7 @@ pub async fn run(
     let routes = broker
         .routes()
         .cloned()
-        .map(|r| tokio::spawn(r.run(cancel.clone())));
+        .map(|r| tokio::spawn(r.run(routes_cancel.clone())));
     let ssh = tokio::spawn(ssh::serve(
         listeners.ssh,
         broker.clone(),
@@ -156,10 +177,27 @@ pub async fn run(
         admin::serve(listeners.admin, app, &admin_config, admin_cancel).await;
     });
     ready.store(true, Ordering::Release);
+    fdstore::notify_ready();
     info!("ready");
 
     shutdown.await;
     ready.store(false, Ordering::Release);
+    fdstore::notify_stopping();
+    routes_cancel.cancel();
+    if let Some(mut r) = routes {
+        // The worker notices between proxy calls; a slow proxy is not waited for past this.
+        if tokio::time::timeout(WITHDRAW, &mut r).await.is_err() {
+            r.abort();
+        }
+    }
+    if let Some(r) = broker.routes() {
+        let withdrawn = r.withdraw(WITHDRAW).await;
+        info!(
+            withdrawn = withdrawn.unwrap_or(0),
+            complete = withdrawn.is_some(),
+            "proxy routes withdrawn"
+        );
+    }
     cancel.cancel();
     let _ = ssh.await;
     sessions.close();
@@ -171,9 +209,11 @@ pub async fn run(
     }
     let _ = reaper.await;
     let _ = reloads.await;
-    if let Some(r) = routes {
-        let _ = r.await;
+    // Last: the routes are gone, so no proxy sends anyone to these ports any more.
+    if !broker.close_listeners(Duration::from_secs(2)).await {
+        warn!("tunnel listeners did not all close in time");
     }
+    info!("tunnel listeners closed");
     admin_stop.cancel();
     // serve() itself gives connections 2 s; this bounds the whole stop.
     if tokio::time::timeout(Duration::from_secs(5), admin)

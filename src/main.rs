@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
-use tunnelbot::{Config, Listeners, cli, descriptors, keys};
+use tunnelbot::{Config, Listeners, cli, descriptors, fdstore, keys};
 
 mod heap;
 
@@ -291,7 +291,9 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
 async fn serve(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config).await?;
     let (ssh, admin) = (listeners.ssh_addr()?, listeners.admin_addr()?);
-    let broker = tunnelbot::open(config, ssh).await?;
+    // Under systemd, tunnel listeners kept in its descriptor store across the restart.
+    let fds = fdstore::FdStore::from_env(config.tunnels.bind_address, config.tunnels.ports);
+    let broker = tunnelbot::open_with_fd_store(config, ssh, fds).await?;
     info!(%ssh, %admin, "listening");
     if let Some(path) = ready_file {
         let body = serde_json::json!({"ssh": ssh.to_string(), "admin": admin.to_string()});

@@ -5,14 +5,19 @@
 //! holds fails to bind and is skipped. Allocation is next-fit from a moving cursor, so a port
 //! just freed is the last to be handed out again (a stale route or browser tab still naming it
 //! then reaches nothing rather than someone else's notebook).
+//!
+//! Every listener the pool binds is also handed to the service manager's descriptor store
+//! (fdstore.rs), and a restored reservation takes the listener systemd passed back before it
+//! binds anew: a restart never frees a reserved port. `release` takes it out of the store.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Socket, Type};
 
 use crate::config::PortRange;
+use crate::fdstore::FdStore;
 
 /// Why no port could be reserved.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +41,21 @@ pub enum PoolError {
     },
 }
 
+impl PoolError {
+    /// Whether the port failed because another socket holds it (another process, when the
+    /// pool does not hold it itself).
+    pub fn held_elsewhere(&self) -> bool {
+        matches!(self, Self::Bind { source, .. } if source.kind() == io::ErrorKind::AddrInUse)
+    }
+}
+
 /// The pool of hub ports; cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct PortPool {
     range: PortRange,
     bind: IpAddr,
     inner: Mutex<Inner>,
+    store: Arc<FdStore>,
 }
 
 #[derive(Debug)]
@@ -63,7 +77,14 @@ impl PortPool {
                 free: range.len(),
                 cursor: 0,
             }),
+            store: Arc::new(FdStore::disabled()),
         }
+    }
+
+    /// The same pool, handing its listeners to `store` and adopting the ones it passed back.
+    pub fn with_fd_store(mut self, store: Arc<FdStore>) -> Self {
+        self.store = store;
+        self
     }
 
     /// Reserves the next free port and returns it with its listening socket.
@@ -91,7 +112,8 @@ impl PortPool {
         Err(PoolError::Exhausted(self.range))
     }
 
-    /// Reserves exactly `port`, as a restart must for tunnels issued before it.
+    /// Reserves exactly `port`, as a restart must for tunnels issued before it: with the
+    /// listener the service manager kept for it when there is one, else by binding it.
     pub fn reserve_exact(&self, port: u16) -> Result<TcpListener, PoolError> {
         if !self.range.contains(port) {
             return Err(PoolError::OutOfRange(port, self.range));
@@ -101,7 +123,10 @@ impl PortPool {
         if inner.reserved[i] {
             return Err(PoolError::Taken(port));
         }
-        let listener = self.bind(port)?;
+        let listener = match self.store.take(port) {
+            Some(adopted) => adopted,
+            None => self.bind(port)?,
+        };
         inner.reserved[i] = true;
         inner.free -= 1;
         Ok(listener)
@@ -119,8 +144,10 @@ impl PortPool {
         }
     }
 
-    /// Returns `port` to the pool; its socket must already be closed.
+    /// Returns `port` to the pool; its socket must already be closed. The service manager is
+    /// told to close its copy too; until it has, binding the port fails and `reserve` skips it.
     pub fn release(&self, port: u16) {
+        self.store.remove(port);
         if self.range.contains(port) {
             let i = usize::from(port - self.range.first);
             let mut inner = self.lock();
@@ -163,7 +190,9 @@ impl PortPool {
             socket.listen(1024)?;
             Ok(socket.into())
         };
-        bind().map_err(|source| PoolError::Bind { addr, source })
+        let listener = bind().map_err(|source| PoolError::Bind { addr, source })?;
+        self.store.push(port, &listener);
+        Ok(listener)
     }
 }
 

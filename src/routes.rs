@@ -17,6 +17,10 @@
 //! the route and leaves it alone unless it is ours: the hub may have written it since.
 //!
 //! Nothing here runs on the SSH path: a slow or dead proxy delays routes, never tunnels.
+//!
+//! At shutdown the worker stops and `withdraw` deletes every route of ours from the proxy,
+//! before the tunnel listeners close: the proxy never keeps a route to a port that is about
+//! to be free, which another local user could then bind.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -279,6 +283,62 @@ impl Routes {
         self.wanted()
             .get(id)
             .map_or(RouteState::Absent, |w| w.state)
+    }
+
+    /// Deletes every route of ours from the proxy, within `within` (shutdown: the worker has
+    /// stopped, so nothing writes one again). Returns how many were deleted, or None when the
+    /// proxy could not be read or the time ran out.
+    pub async fn withdraw(&self, within: Duration) -> Option<usize> {
+        self.wanted().clear();
+        let work = async {
+            let table = match self.inner.backend.list().await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "proxy unreachable; routes not withdrawn");
+                    return None;
+                }
+            };
+            // Concurrent, so thousands of routes fit the time, but bounded, so the proxy is
+            // not flooded.
+            let gate = Arc::new(tokio::sync::Semaphore::new(32));
+            let mut deletes = tokio::task::JoinSet::new();
+            for (path, entry) in table {
+                if self.ours(&path, &entry) {
+                    let backend = Arc::clone(&self.inner.backend);
+                    let gate = Arc::clone(&gate);
+                    deletes.spawn(async move {
+                        let _turn = gate.acquire().await;
+                        backend.delete(&path).await.map(|()| path)
+                    });
+                }
+            }
+            let mut deleted = 0;
+            while let Some(done) = deletes.join_next().await {
+                match done {
+                    Ok(Ok(path)) => {
+                        deleted += 1;
+                        self.count("delete", true);
+                        info!(target: "audit", event = "route_removed", path, "route removed (shutdown)");
+                    }
+                    Ok(Err(e)) => {
+                        self.count("delete", false);
+                        warn!(error = %format!("{e:#}"), "route delete failed at shutdown");
+                    }
+                    Err(e) => warn!(error = %e, "route delete task failed"),
+                }
+            }
+            Some(deleted)
+        };
+        match tokio::time::timeout(within, work).await {
+            Ok(done) => done,
+            Err(_) => {
+                warn!(
+                    seconds = within.as_secs_f64(),
+                    "routes not all withdrawn in time"
+                );
+                None
+            }
+        }
     }
 
     /// Applies changes as they come and reconciles every interval, until `cancel`.

@@ -5,23 +5,30 @@
 //! has won the credential (`sessions.rs`: only from a session that stopped answering). A connection arriving while no job is linked is closed at once. Every accepted
 //! connection is carried in its own task, so a slow or refusing notebook never stalls the SSH
 //! session or other channels.
+//!
+//! A tunnel whose port another process holds (it bound the port while the broker was down)
+//! is not listening: its forward is refused with that reason, so no route ever points at the
+//! port, and the bind is retried in the background until the port is ours again. On shutdown
+//! the listeners close last (`close_listeners`), after the routes are gone, and are not taken
+//! out of the service manager's store: the next process adopts them (fdstore.rs).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::accept::AcceptErrors;
 use crate::bridge::Bridge;
 use crate::grants::{ForwardRefusal, Grant};
 use crate::metrics::Metrics;
-use crate::ports::PortPool;
+use crate::ports::{PoolError, PortPool};
 use crate::sessions::LiveSession;
 
 /// A live SSH session holding a tunnel's forward.
@@ -58,6 +65,17 @@ pub struct LiveStatus {
     pub bytes_from_job: u64,
     /// Whether the reserved port is bound.
     pub listening: bool,
+    /// Why it is not, e.g. "port held by another process".
+    pub listen_error: Option<&'static str>,
+}
+
+/// The reason shown when a reserved port cannot be bound.
+pub fn listen_error(e: &PoolError) -> &'static str {
+    if e.held_elsewhere() {
+        "port held by another process"
+    } else {
+        "port cannot be bound"
+    }
 }
 
 struct Tunnel {
@@ -65,6 +83,7 @@ struct Tunnel {
     link: watch::Sender<Option<Arc<Link>>>,
     stats: Arc<Stats>,
     listening: Arc<AtomicBool>,
+    listen_error: Arc<Mutex<Option<&'static str>>>,
     cancel: CancellationToken,
 }
 
@@ -83,6 +102,9 @@ pub struct Tunnels {
     ports: Arc<PortPool>,
     metrics: Metrics,
     limits: CarryLimits,
+    /// Cancelled at shutdown: every listener closes, none leaves the descriptor store.
+    stopping: CancellationToken,
+    loops: TaskTracker,
 }
 
 impl Tunnels {
@@ -93,33 +115,48 @@ impl Tunnels {
             ports,
             metrics,
             limits,
+            stopping: CancellationToken::new(),
+            loops: TaskTracker::new(),
         }
     }
 
-    /// Starts serving `grant`'s port. `listener` is its reservation, or None when the port could
+    /// Starts serving `grant`'s port. `listener` is its reservation, or why the port could
     /// not be bound (it is then retried in the background).
-    pub fn start(&self, grant: Arc<Grant>, listener: Option<std::net::TcpListener>) {
+    pub fn start(&self, grant: Arc<Grant>, listener: Result<std::net::TcpListener, PoolError>) {
         let (link, link_rx) = watch::channel(None);
+        let (listener, error) = match listener {
+            Ok(l) => (Some(l), None),
+            Err(e) => {
+                let reason = listen_error(&e);
+                warn!(target: "audit", event = "port_unavailable", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), error = %e, "reserved port {}: {reason}; forwards are refused and the bind is retried", grant.port());
+                (None, Some(reason))
+            }
+        };
         let tunnel = Tunnel {
             grant: Arc::clone(&grant),
             link,
             stats: Arc::default(),
-            listening: Arc::new(AtomicBool::new(false)),
-            cancel: CancellationToken::new(),
+            // True from the start when the port is held, so a job that connects before the
+            // accept task runs is not refused.
+            listening: Arc::new(AtomicBool::new(listener.is_some())),
+            listen_error: Arc::new(Mutex::new(error)),
+            cancel: self.stopping.child_token(),
         };
         let task = AcceptLoop {
             port: grant.port(),
             link: link_rx,
             stats: Arc::clone(&tunnel.stats),
             listening: Arc::clone(&tunnel.listening),
+            listen_error: Arc::clone(&tunnel.listen_error),
             cancel: tunnel.cancel.clone(),
+            stopping: self.stopping.clone(),
             ports: Arc::clone(&self.ports),
             metrics: self.metrics.clone(),
             limits: self.limits,
         };
         let span =
             info_span!("tunnel", id = %grant.id(), user = %grant.user(), port = grant.port());
-        tokio::spawn(task.run(listener).instrument(span));
+        self.loops.spawn(task.run(listener).instrument(span));
         self.map.insert(grant.id().to_owned(), tunnel);
     }
 
@@ -128,7 +165,10 @@ impl Tunnels {
     pub fn attach(&self, id: &str, link: Arc<Link>) -> Result<u16, ForwardRefusal> {
         let tunnel = self.map.get(id).ok_or(ForwardRefusal::Ended)?;
         if !tunnel.listening.load(Ordering::Acquire) {
-            return Err(ForwardRefusal::PortUnavailable);
+            return Err(ForwardRefusal::PortUnavailable {
+                port: tunnel.grant.port(),
+                reason: lock(&tunnel.listen_error).unwrap_or("port not bound yet"),
+            });
         }
         let new_id = link.session.id;
         let previous = tunnel.link.send_replace(Some(link));
@@ -194,7 +234,19 @@ impl Tunnels {
             bytes_to_job: tunnel.stats.bytes_to_job.load(Ordering::Relaxed),
             bytes_from_job: tunnel.stats.bytes_from_job.load(Ordering::Relaxed),
             listening: tunnel.listening.load(Ordering::Acquire),
+            listen_error: *lock(&tunnel.listen_error),
         })
+    }
+
+    /// Closes every tunnel's listener (shutdown, after the routes are gone) and waits, at most
+    /// `within`, until they are closed. Grants stay issued and ports stay in the service
+    /// manager's store, so a restarted broker serves them again.
+    pub async fn close_listeners(&self, within: Duration) -> bool {
+        self.stopping.cancel();
+        self.loops.close();
+        tokio::time::timeout(within, self.loops.wait())
+            .await
+            .is_ok()
     }
 
     /// How many tunnels are served.
@@ -213,7 +265,9 @@ struct AcceptLoop {
     link: watch::Receiver<Option<Arc<Link>>>,
     stats: Arc<Stats>,
     listening: Arc<AtomicBool>,
+    listen_error: Arc<Mutex<Option<&'static str>>>,
     cancel: CancellationToken,
+    stopping: CancellationToken,
     ports: Arc<PortPool>,
     metrics: Metrics,
     limits: CarryLimits,
@@ -225,6 +279,12 @@ impl AcceptLoop {
             self.listening.store(true, Ordering::Release);
             self.accept(listener).await;
             self.listening.store(false, Ordering::Release);
+        }
+        if self.stopping.is_cancelled() {
+            // Shutdown: the port stays reserved (and in the service manager's store) for the
+            // next process; releasing it would tell systemd to close its copy.
+            debug!("listener closed for shutdown");
+            return;
         }
         // The listener is closed by now, so the port can go back to the pool.
         self.ports.release(self.port);
@@ -239,20 +299,30 @@ impl AcceptLoop {
             if let Some(l) = std_listener.take() {
                 match TcpListener::from_std(l) {
                     Ok(l) => return Some(l),
-                    Err(e) => warn!(error = %e, "registering the reserved listener"),
+                    Err(e) => {
+                        self.listening.store(false, Ordering::Release);
+                        warn!(error = %e, "registering the reserved listener");
+                    }
                 }
             }
             tokio::select! {
                 () = self.cancel.cancelled() => return None,
                 () = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            // A bind is a cheap local call: retry often, so a port the intruder lets go is ours
+            // again within seconds.
+            backoff = (backoff * 2).min(Duration::from_secs(5));
             match self.ports.rebind(self.port) {
                 Ok(l) => {
-                    info!("reserved port bound again");
+                    info!(target: "audit", event = "port_bound_again", port = self.port, "reserved port bound again");
+                    *lock(&self.listen_error) = None;
                     std_listener = Some(l);
                 }
-                Err(e) => warn!(error = %e, "reserved port still unavailable"),
+                Err(e) => {
+                    let reason = listen_error(&e);
+                    *lock(&self.listen_error) = Some(reason);
+                    debug!(error = %e, "reserved port still unavailable: {reason}");
+                }
             }
         }
     }
@@ -303,4 +373,9 @@ impl AcceptLoop {
             tokio::spawn(bridge.run(sock, from).instrument(tracing::Span::current()));
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics under these locks, so a poisoned value is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::credentials::{AuthKind, Authority, CertLogin};
+use crate::fdstore::FdStore;
 use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
@@ -145,10 +146,24 @@ impl Broker {
         metrics: Metrics,
         ssh_addr: SocketAddr,
     ) -> anyhow::Result<Self> {
-        let ports = Arc::new(PortPool::new(
-            config.tunnels.ports,
-            config.tunnels.bind_address,
-        ));
+        let fds = Arc::new(FdStore::disabled());
+        Self::open_with_fd_store(config, keys, store, metrics, ssh_addr, fds).await
+    }
+
+    /// As `open`, with reservations handed to (and restored ones adopted from) the service
+    /// manager's descriptor store `fds`; adopted listeners no live tunnel claims are closed.
+    pub async fn open_with_fd_store(
+        config: Config,
+        keys: Keys,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        ssh_addr: SocketAddr,
+        fds: Arc<FdStore>,
+    ) -> anyhow::Result<Self> {
+        let ports = Arc::new(
+            PortPool::new(config.tunnels.ports, config.tunnels.bind_address)
+                .with_fd_store(Arc::clone(&fds)),
+        );
         let carry = crate::tunnels::CarryLimits {
             write_timeout: config.tunnels.write_timeout,
             max_connections: u64::try_from(config.limits.max_connections_per_tunnel)
@@ -195,6 +210,7 @@ impl Broker {
             }),
         };
         broker.restore().await?;
+        fds.release_unclaimed();
         Ok(broker)
     }
 
@@ -230,14 +246,11 @@ impl Broker {
                 }
                 continue;
             }
-            let listener = match self.inner.ports.reserve_exact(record.port) {
-                Ok(l) => Some(l),
-                Err(e) => {
-                    error!(tunnel = %record.id, port = record.port, error = %e, "cannot bind a restored tunnel's port; retrying in the background");
-                    self.inner.ports.mark_reserved(record.port);
-                    None
-                }
-            };
+            // On failure the tunnel logs why (audit) and retries the bind in the background.
+            let listener = self.inner.ports.reserve_exact(record.port);
+            if listener.is_err() {
+                self.inner.ports.mark_reserved(record.port);
+            }
             let grant = Arc::new(Grant::new(record));
             if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
                 warn!(tunnel = %grant.id(), "duplicate key in stored tunnel; skipped");
@@ -356,7 +369,7 @@ impl Broker {
             error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
             return Err(IssueError::Store(e));
         }
-        self.inner.tunnels.start(Arc::clone(&grant), Some(listener));
+        self.inner.tunnels.start(Arc::clone(&grant), Ok(listener));
         self.inner.metrics.tunnels_issued.inc();
         self.update_port_gauge();
         info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), lease_seconds = grant.lease_seconds(), generated_key = private_key.is_some(), auth = grant.auth().as_str(), "tunnel issued");
@@ -594,6 +607,11 @@ impl Broker {
             routes.unwant(grant.id());
         }
         detached
+    }
+
+    /// Closes every tunnel listener for shutdown (grants stay issued); waits at most `within`.
+    pub async fn close_listeners(&self, within: Duration) -> bool {
+        self.inner.tunnels.close_listeners(within).await
     }
 
     /// The route worker, when route support is on.

@@ -802,6 +802,8 @@ pub struct BrokerProcess {
     pub ssh: SocketAddr,
     pub admin: SocketAddr,
     pub token: String,
+    /// The broker's stderr (its log).
+    pub log: PathBuf,
     dir: PathBuf,
     http: reqwest::Client,
 }
@@ -809,6 +811,7 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts `tunnelbot serve --config <config>` and waits (bounded) for its ready file.
     pub async fn start(dir: &Path, config: &Path) -> anyhow::Result<Self> {
+        // Not under a service manager, even when the test runner is (its socket is not ours).
         Self::start_env(dir, config, &[]).await
     }
 
@@ -818,12 +821,32 @@ impl BrokerProcess {
         config: &Path,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tunnelbot"));
+        for var in [
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+        ] {
+            command.env_remove(var);
+        }
+        command.envs(env.iter().copied());
+        Self::start_via(dir, config, command).await
+    }
+
+    /// As `start`, through `command`: the broker binary, or a wrapper that ends in it (so the
+    /// caller can add environment, descriptors, or an `sh -c '... exec "$0" "$@"' BIN`).
+    pub async fn start_via(
+        dir: &Path,
+        config: &Path,
+        mut command: Command,
+    ) -> anyhow::Result<Self> {
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let log_path = dir.join(format!("broker-{n}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tunnelbot"))
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -832,7 +855,6 @@ impl BrokerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .envs(env.iter().copied())
             .kill_on_drop(true)
             .spawn()?;
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -855,9 +877,53 @@ impl BrokerProcess {
             ssh: v["ssh"].as_str().context("ssh")?.parse()?,
             admin: v["admin"].as_str().context("admin")?.parse()?,
             token,
+            log: log_path,
             dir: dir.to_owned(),
             http: reqwest::Client::new(),
         })
+    }
+
+    /// SIGTERM, as systemd stops it, and wait (bounded) for the exit.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("broker already reaped")?;
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?
+            .success();
+        anyhow::ensure!(ok, "kill -TERM {pid} failed");
+        Ok(tokio::time::timeout(WAIT, self.child.wait())
+            .await
+            .context("broker did not exit after SIGTERM")??)
+    }
+
+    /// The broker's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET /api/v1/tunnels/<id>.
+    pub async fn tunnel(&self, id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("http://{}/api/v1/tunnels/{id}", self.admin))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?)
+    }
+
+    /// DELETE /api/v1/tunnels/<id>; the status code.
+    pub async fn revoke(&self, id: &str) -> anyhow::Result<u16> {
+        Ok(self
+            .http
+            .delete(format!("http://{}/api/v1/tunnels/{id}", self.admin))
+            .bearer_auth(&self.token)
+            .send()
+            .await?
+            .status()
+            .as_u16())
     }
 
     /// SIGKILL (nothing gets saved at exit), and wait until the process is gone.
