@@ -4,7 +4,27 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-export TUNNELBOT_DEPS="${TUNNELBOT_DEPS:-$repo/.deps}"
+# Job users (the Slurm job, the remote host's user) run programs from the venv in the deps folder,
+# so its path must be traversable by every user; a clone under a private folder (/root is 0700)
+# keeps its deps in a shared cache instead.
+traversable() {
+    local d="$1"
+    while [ "$d" != "/" ]; do
+        case "$(stat -c %A "$d")" in ?????????[xt]) ;; *) return 1 ;; esac
+        d="$(dirname "$d")"
+    done
+}
+if [ -z "${TUNNELBOT_DEPS:-}" ]; then
+    if traversable "$repo"; then
+        TUNNELBOT_DEPS="$repo/.deps"
+    else
+        TUNNELBOT_DEPS="/var/cache/tunnelbot-test-deps/$(printf '%s' "$repo" | sha256sum | cut -c1-12)"
+        mkdir -p "$TUNNELBOT_DEPS"
+        chmod 0755 /var/cache/tunnelbot-test-deps "$TUNNELBOT_DEPS"
+        echo "test: $repo is not traversable by other users; deps in $TUNNELBOT_DEPS"
+    fi
+fi
+export TUNNELBOT_DEPS
 
 bash scripts/setup.sh
 export CHP_BIN="$TUNNELBOT_DEPS/node/node_modules/.bin/configurable-http-proxy"
