@@ -48,7 +48,7 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
         // ended by russh 0.65 as "pending buffer limit reached", taking every download of the
         // session with it; one the client starts has no such race. These stay as the backstop
         // for clients that do not re-key.
-        limits: russh::Limits::default(),
+        limits: rekey_limits(ssh.rekey_limit),
         preferred: russh::Preferred {
             // AES-GCM costs least per byte on CPUs with AES-NI; aes128-gcm is implemented but not
             // offered by default. The client's order decides, so this mostly widens the offer.
@@ -69,6 +69,14 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
         },
         ..Default::default()
     }
+}
+
+/// russh's re-key limits with `ssh.rekey_limit` bytes either way and its own hour; clamped to
+/// what `russh::Limits::new` accepts (config validation already refuses more).
+fn rekey_limits(bytes: u64) -> russh::Limits {
+    use crate::config::{REKEY_LIMIT_MAX, REKEY_LIMIT_MIN};
+    let bytes = usize::try_from(bytes.clamp(REKEY_LIMIT_MIN, REKEY_LIMIT_MAX)).unwrap_or(1 << 30);
+    russh::Limits::new(bytes, bytes, russh::Limits::default().rekey_time_limit)
 }
 
 /// Accepts SSH connections on `listener` until `shutdown`, then disconnects every session and
