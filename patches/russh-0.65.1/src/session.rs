@@ -129,6 +129,20 @@ impl ChannelFlushResult {
 }
 
 impl<C> CommonSession<C> {
+    /// How much a peer may send, beyond KEX messages, between the KEXINIT of a re-key we start
+    /// and its own: two windows for everything else (as before), plus the window it still holds
+    /// on every open channel. Window adjustments wait for the new keys with every other
+    /// non-KEX message, so it cannot legitimately be granted more until the exchange is done.
+    pub(crate) fn rekey_pending_limit(&self, window_size: u32) -> u64 {
+        let credit: u64 = self.encrypted.as_ref().map_or(0, |enc| {
+            enc.channels
+                .values()
+                .map(|c| u64::from(c.sender_window_size))
+                .sum()
+        });
+        2 * u64::from(window_size) + credit
+    }
+
     pub(crate) fn has_any_pending_data(&self) -> bool {
         self.encrypted
             .as_ref()

@@ -95,6 +95,7 @@ pub struct Session {
     target_window_size: u32,
     pending_reads: Vec<Vec<u8>>,
     pending_len: u32,
+    pending_limit: u64,
     priority_sender: UnboundedSender<Msg>,
     priority_receiver: UnboundedReceiver<Msg>,
     inbound_channel_sender: Sender<Msg>,
@@ -1332,6 +1333,7 @@ impl Session {
             channels: HashMap::new(),
             pending_reads: Vec::new(),
             pending_len: 0,
+            pending_limit: 0,
             open_global_requests: VecDeque::new(),
             server_sig_algs: None,
             ext_info_count: 0,
@@ -1872,6 +1874,9 @@ impl Session {
     fn begin_rekey(&mut self) -> Result<(), crate::Error> {
         debug!("beginning re-key");
         self.pending_len = 0;
+        self.pending_limit = self
+            .common
+            .rekey_pending_limit(self.common.config.window_size);
         let mut kex = ClientKex::new(
             self.common.config.clone(),
             &self.common.config.client_id,
@@ -1989,7 +1994,9 @@ async fn reply<H: Handler>(
     //   * Before it arrives (we initiated the rekey; the peer may not have seen
     //     our KEXINIT yet) their in-flight messages are legal. Handle them as
     //     usual, but bound the total so a peer that stalls the rekey and floods
-    //     cannot grow memory without limit. `pending_len` is reset when the
+    //     cannot grow memory without limit. The bound, `pending_limit`, is set
+    //     when the rekey begins and allows the window the peer holds on every
+    //     channel. `pending_len` is reset when the
     //     rekey completes (see `begin_rekey` and the kex-done path).
     #[allow(clippy::collapsible_if)]
     if !is_kex_msg && session.common.encrypted.is_some() {
@@ -2001,8 +2008,7 @@ async fn reply<H: Handler>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
-                {
+                if u64::from(session.pending_len) > session.pending_limit {
                     return Err(crate::Error::Pending.into());
                 }
             }

@@ -1123,6 +1123,7 @@ where
         sender: handle.clone(),
         pending_reads: Vec::new(),
         pending_len: 0,
+        pending_limit: 0,
         channels: HashMap::new(),
         open_global_requests: VecDeque::new(),
         kex: SessionKexState::Idle,
@@ -1216,7 +1217,9 @@ async fn reply<H: Handler + Send>(
     //   * Before it arrives (we initiated the rekey; the peer may not have seen
     //     our KEXINIT yet) their in-flight messages are legal. Handle them as
     //     usual, but bound the total so a peer that stalls the rekey and floods
-    //     cannot grow memory without limit. `pending_len` is reset when the
+    //     cannot grow memory without limit. The bound, `pending_limit`, is set
+    //     when the rekey begins and allows the window the peer holds on every
+    //     channel. `pending_len` is reset when the
     //     rekey completes (see `begin_rekey` and the kex-done path).
     #[allow(clippy::collapsible_if)]
     if !is_kex_msg && session.common.encrypted.is_some() {
@@ -1228,8 +1231,7 @@ async fn reply<H: Handler + Send>(
                     return Err(crate::Error::Inconsistent.into());
                 }
                 session.pending_len = session.pending_len.saturating_add(pkt.buffer.len() as u32);
-                if u64::from(session.pending_len) > 2 * u64::from(session.common.config.window_size)
-                {
+                if u64::from(session.pending_len) > session.pending_limit {
                     return Err(crate::Error::Pending.into());
                 }
             }
