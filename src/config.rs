@@ -76,6 +76,10 @@ pub struct SshConfig {
     pub revoked_keys: Option<PathBuf>,
     /// How a certificate principal names a JupyterHub user: `{user}` stands for the name.
     pub certificate_principal: String,
+    /// Session keys are renewed after this many bytes either way (and after an hour). An
+    /// integer, or a string with a binary unit: "256KiB", "512M", "1GiB".
+    #[serde(deserialize_with = "byte_size")]
+    pub rekey_limit: u64,
 }
 
 impl Default for SshConfig {
@@ -91,7 +95,44 @@ impl Default for SshConfig {
             trusted_user_ca_keys: None,
             revoked_keys: None,
             certificate_principal: "{user}".into(),
+            rekey_limit: REKEY_LIMIT_MAX,
         }
+    }
+}
+
+/// russh's own re-key limit and the largest it accepts (`russh::Limits::new`).
+pub const REKEY_LIMIT_MAX: u64 = 1 << 30;
+/// Two full 32 KiB channel packets between re-keys: below that a session does little but re-key.
+pub const REKEY_LIMIT_MIN: u64 = 64 << 10;
+
+/// A byte count: an integer, or a string such as "64KiB", "512M" or "1GiB" (K, M, G are 1024^n).
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    let parse = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (n, unit) = s.split_at(digits);
+        let shift = match unit.trim() {
+            "" | "B" => 0,
+            "K" | "KiB" => 10,
+            "M" | "MiB" => 20,
+            "G" | "GiB" => 30,
+            _ => return None,
+        };
+        n.parse::<u64>().ok()?.checked_mul(1 << shift)
+    };
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Text(s) => parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a byte size such as 1048576, \"256KiB\", \"512M\" or \"1GiB\""
+            ))
+        }),
     }
 }
 
@@ -395,6 +436,11 @@ impl Config {
             "ssh.max_auth_attempts must be at least 1"
         );
         ensure!(
+            (REKEY_LIMIT_MIN..=REKEY_LIMIT_MAX).contains(&self.ssh.rekey_limit),
+            "ssh.rekey_limit is {} bytes; it must be between 64KiB and 1GiB",
+            self.ssh.rekey_limit
+        );
+        ensure!(
             !self.tunnels.max_ttl.is_zero(),
             "tunnels.max_ttl must be above zero"
         );
@@ -627,6 +673,32 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert!(format!("{err:#}").contains("worker_threads"), "{err:#}");
         assert!(Config::parse("[runtime]\nworker_threads = -1\n").is_err());
+    }
+
+    #[test]
+    fn rekey_limit_sizes() {
+        assert_eq!(Config::default().ssh.rekey_limit, 1 << 30);
+        for (text, bytes) in [
+            ("65536", 65536),
+            ("\"256KiB\"", 256 << 10),
+            ("\"512M\"", 512 << 20),
+            ("\"1GiB\"", 1 << 30),
+        ] {
+            let c = Config::parse(&format!("[ssh]\nrekey_limit = {text}\n")).unwrap();
+            c.validate().unwrap();
+            assert_eq!(c.ssh.rekey_limit, bytes, "{text}");
+        }
+        for too_far in ["\"32KiB\"", "\"2G\"", "0"] {
+            let c = Config::parse(&format!("[ssh]\nrekey_limit = {too_far}\n")).unwrap();
+            let err = c.validate().unwrap_err();
+            assert!(format!("{err:#}").contains("rekey_limit"), "{err:#}");
+        }
+        for bad in ["\"1 TB\"", "\"lots\"", "\"KiB\"", "-1", "\"99999999999G\""] {
+            assert!(
+                Config::parse(&format!("[ssh]\nrekey_limit = {bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

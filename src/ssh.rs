@@ -42,13 +42,14 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
         // write into a dead socket.
         inactivity_timeout: Some(ssh.keepalive_interval * 8),
         nodelay: true,
-        // russh's own re-key limits (1 GiB either way, 1 h), stated because the job's ssh is told
-        // to re-key at half of them (RekeyLimit in the wrapper and the README): a re-exchange the
-        // server starts while the client has more than two channel windows of data in flight is
-        // ended by russh 0.65 as "pending buffer limit reached", taking every download of the
-        // session with it; one the client starts has no such race. These stay as the backstop
-        // for clients that do not re-key.
-        limits: russh::Limits::default(),
+        // Re-key after `ssh.rekey_limit` bytes either way (default russh's own 1 GiB) or 1 h.
+        // A re-exchange the broker starts while the client has a window of data in flight on
+        // several channels used to end the session in russh 0.65.1 ("pending buffer limit
+        // reached"); the in-tree patch (patches/README.md) allows the window the client holds on
+        // every channel, and tests/tunnel_lifecycle.rs forces that case. The job wrapper's
+        // `RekeyLimit=512M 30m` (the client re-keys first) stays as belt and braces for a broker
+        // built without the patch.
+        limits: rekey_limits(ssh.rekey_limit),
         preferred: russh::Preferred {
             // AES-GCM costs least per byte on CPUs with AES-NI; aes128-gcm is implemented but not
             // offered by default. The client's order decides, so this mostly widens the offer.
@@ -69,6 +70,14 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
         },
         ..Default::default()
     }
+}
+
+/// russh's re-key limits with `ssh.rekey_limit` bytes either way and its own hour; clamped to
+/// what `russh::Limits::new` accepts (config validation already refuses more).
+fn rekey_limits(bytes: u64) -> russh::Limits {
+    use crate::config::{REKEY_LIMIT_MAX, REKEY_LIMIT_MIN};
+    let bytes = usize::try_from(bytes.clamp(REKEY_LIMIT_MIN, REKEY_LIMIT_MAX)).unwrap_or(1 << 30);
+    russh::Limits::new(bytes, bytes, russh::Limits::default().rekey_time_limit)
 }
 
 /// Accepts SSH connections on `listener` until `shutdown`, then disconnects every session and
