@@ -11,8 +11,9 @@ use russh::keys::HashAlg;
 use russh::server::{Auth, ChannelOpenHandle, Msg, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelOpenFailure};
 use tokio::sync::oneshot;
-use tracing::{info, warn};
+use tracing::warn;
 
+use crate::audit::{Event, Presented};
 use crate::broker::{Broker, LoginRefusal};
 use crate::credentials::CertLogin;
 use crate::grants::{ForwardRefusal, Grant, check_forward};
@@ -51,20 +52,16 @@ impl Drop for Handler {
         self.broker.release(grant, self.session_id);
         let Some(link) = &self.link else { return };
         let still_linked = self.broker.unlink(grant, self.session_id);
-        let seconds = link.since.elapsed().unwrap_or_default().as_secs();
-        info!(
-            target: "audit",
-            event = "disconnect",
-            tunnel = %grant.id(),
-            user = %grant.user(),
-            server = %grant.server_name(),
-            peer = %self.peer,
-            bytes_to_job = link.bytes.bytes_to_job.load(Ordering::Relaxed),
-            bytes_from_job = link.bytes.bytes_from_job.load(Ordering::Relaxed),
-            seconds,
-            replaced = !still_linked,
-            "job disconnected"
-        );
+        self.broker.audit(Event::Disconnected {
+            grant,
+            peer: self.peer,
+            bytes: (
+                link.bytes.bytes_to_job.load(Ordering::Relaxed),
+                link.bytes.bytes_from_job.load(Ordering::Relaxed),
+            ),
+            seconds: link.since.elapsed().unwrap_or_default().as_secs(),
+            replaced: !still_linked,
+        });
     }
 }
 
@@ -106,13 +103,16 @@ impl Handler {
         match self.broker.claim(&grant, Arc::clone(&live)).await {
             Ok(replaced) => {
                 if let Some(old) = replaced {
-                    info!(target: "audit", event = "session_replaced", tunnel = %grant.id(), user = %grant.user(), old_session = old.id, old_peer = %old.peer, peer = %self.peer, "the credential's previous session did not answer; this login replaces it");
+                    self.broker.audit(Event::SessionReplaced {
+                        grant: &grant,
+                        old: (old.id, old.peer),
+                        peer: self.peer,
+                    });
                 }
-                info!(target: "audit", event = "connect", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), peer = %self.peer, fingerprint = %grant.fingerprint(), "job logged in");
-                metrics
-                    .auth_attempts
-                    .with_label_values(&["accepted", "ok"])
-                    .inc();
+                self.broker.audit(Event::Connected {
+                    grant: &grant,
+                    peer: self.peer,
+                });
                 metrics
                     .handshake_duration
                     .observe(self.started.elapsed().as_secs_f64());
@@ -123,19 +123,23 @@ impl Handler {
                 }
             }
             Err(refusal) => {
-                if let LoginRefusal::InUse {
-                    holder,
-                    holder_peer,
-                } = &refusal
-                {
-                    warn!(target: "audit", event = "login_refused_in_use", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), peer = %self.peer, holder_session = holder, %holder_peer, "login refused: the credential's live session answered; possible stolen credential");
-                } else {
-                    warn!(target: "audit", event = "auth_refused", tunnel = %grant.id(), peer = %self.peer, reason = refusal.as_str(), "login refused: {refusal}");
-                }
-                metrics
-                    .auth_attempts
-                    .with_label_values(&["refused", refusal.as_str()])
-                    .inc();
+                self.broker.audit(match &refusal {
+                    LoginRefusal::InUse {
+                        holder,
+                        holder_peer,
+                    } => Event::LoginInUse {
+                        grant: &grant,
+                        peer: self.peer,
+                        holder: (*holder, *holder_peer),
+                    },
+                    other => Event::LoginRefused {
+                        peer: self.peer,
+                        ssh_user: None,
+                        presented: Presented::Tunnel(&grant),
+                        reason: other.as_str(),
+                        why: other.to_string(),
+                    },
+                });
                 // Into the write buffer right behind the auth success, so the client reads the
                 // reason before any answer to what it sends next; the spawned one cuts a client
                 // that does not leave.
@@ -154,11 +158,10 @@ impl Handler {
             self.peer,
             Arc::clone(&self.ctl),
         ));
-        info!(target: "audit", event = "connect", user = %login.user, key_id = %login.key_id, serial = login.serial, peer = %self.peer, auth = "certificate", "job logged in with a certificate");
-        metrics
-            .auth_attempts
-            .with_label_values(&["accepted", "certificate"])
-            .inc();
+        self.broker.audit(Event::CertificateConnected {
+            login: &login,
+            peer: self.peer,
+        });
         metrics
             .handshake_duration
             .observe(self.started.elapsed().as_secs_f64());
@@ -181,7 +184,11 @@ impl Handler {
         };
         let (grant, replaced) = self.broker.certificate_tunnel(&login, port, live).await?;
         if let Some(old) = replaced {
-            info!(target: "audit", event = "session_replaced", tunnel = %grant.id(), user = %grant.user(), old_session = old.id, old_peer = %old.peer, peer = %self.peer, "the tunnel's previous session did not answer; this certificate login replaces it");
+            self.broker.audit(Event::SessionReplaced {
+                grant: &grant,
+                old: (old.id, old.peer),
+                peer: self.peer,
+            });
         }
         self.grant = Some(Arc::clone(&grant));
         Ok(grant)
@@ -204,16 +211,11 @@ impl Handler {
     }
 
     fn forward_refused(&self, refusal: ForwardRefusal) -> Result<bool, anyhow::Error> {
-        let (tunnel, user) = self
-            .grant
-            .as_ref()
-            .map_or(("-", "-"), |g| (g.id(), g.user()));
-        warn!(target: "audit", event = "forward_refused", tunnel, user, peer = %self.peer, reason = refusal.as_str(), "forward refused: {refusal}");
-        self.broker
-            .metrics()
-            .forward_requests
-            .with_label_values(&["refused", refusal.as_str()])
-            .inc();
+        self.broker.audit(Event::ForwardRefused {
+            grant: self.grant.as_deref(),
+            peer: self.peer,
+            refusal,
+        });
         Ok(false)
     }
 }
@@ -234,13 +236,15 @@ impl russh::server::Handler for Handler {
                 Ok(Auth::Accept)
             }
             Err(refusal) => {
-                warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, %fingerprint, reason = refusal.as_str(), "login refused: {refusal}");
+                let fingerprint = fingerprint.to_string();
+                self.broker.audit(Event::LoginRefused {
+                    peer: self.peer,
+                    ssh_user: Some(user),
+                    presented: Presented::Key(&fingerprint),
+                    reason: refusal.as_str(),
+                    why: refusal.to_string(),
+                });
                 self.broker.auth_failed(self.peer.ip());
-                self.broker
-                    .metrics()
-                    .auth_attempts
-                    .with_label_values(&["refused", refusal.as_str()])
-                    .inc();
                 Ok(Auth::reject())
             }
         }
@@ -260,26 +264,31 @@ impl russh::server::Handler for Handler {
                 Ok(Auth::Accept)
             }
             Err(refusal) => {
-                warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, key_id = certificate.key_id(), serial = certificate.serial(), reason = refusal.as_str(), "certificate login refused: {refusal}");
+                self.broker.audit(Event::LoginRefused {
+                    peer: self.peer,
+                    ssh_user: Some(user),
+                    presented: Presented::Certificate {
+                        key_id: certificate.key_id(),
+                        serial: certificate.serial(),
+                    },
+                    reason: refusal.as_str(),
+                    why: refusal.to_string(),
+                });
                 self.broker.auth_failed(self.peer.ip());
-                self.broker
-                    .metrics()
-                    .auth_attempts
-                    .with_label_values(&["refused", refusal.as_str()])
-                    .inc();
                 Ok(Auth::reject())
             }
         }
     }
 
     async fn auth_password(&mut self, user: &str, _password: &str) -> Result<Auth, Self::Error> {
-        warn!(target: "audit", event = "auth_refused", peer = %self.peer, ssh_user = user, reason = "password", "password login refused");
+        self.broker.audit(Event::LoginRefused {
+            peer: self.peer,
+            ssh_user: Some(user),
+            presented: Presented::Password,
+            reason: "password",
+            why: "password".into(),
+        });
         self.broker.auth_failed(self.peer.ip());
-        self.broker
-            .metrics()
-            .auth_attempts
-            .with_label_values(&["refused", "password"])
-            .inc();
         Ok(Auth::reject())
     }
 
@@ -329,12 +338,11 @@ impl russh::server::Handler for Handler {
                 // Setting the port makes russh append it to the reply of a `-R 0` request, so
                 // the client prints "Allocated port".
                 *port = u32::from(bound);
-                info!(target: "audit", event = "forward_granted", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), peer = %self.peer, port = bound, "forward granted");
-                self.broker
-                    .metrics()
-                    .forward_requests
-                    .with_label_values(&["granted", "ok"])
-                    .inc();
+                self.broker.audit(Event::ForwardGranted {
+                    grant: &grant,
+                    peer: self.peer,
+                    port: bound,
+                });
                 Ok(true)
             }
             Err(refusal) => self.forward_refused(refusal),
@@ -356,7 +364,10 @@ impl russh::server::Handler for Handler {
         self.link = None;
         self.ctl.forwarding.send_replace(false);
         self.broker.unlink(&grant, self.session_id);
-        info!(target: "audit", event = "forward_cancelled", tunnel = %grant.id(), peer = %self.peer, "forward cancelled by the job");
+        self.broker.audit(Event::ForwardCancelled {
+            grant: &grant,
+            peer: self.peer,
+        });
         Ok(true)
     }
 
@@ -388,8 +399,13 @@ impl russh::server::Handler for Handler {
         reply: ChannelOpenHandle,
         _s: &mut Session,
     ) -> Result<(), Self::Error> {
-        warn!(target: "audit", event = "direct_tcpip_refused", peer = %self.peer, host, port, "local forward (-L) refused");
-        self.refuse_channel("direct_tcpip", reply).await;
+        self.broker.audit(Event::DirectTcpipRefused {
+            peer: self.peer,
+            target: (host, port),
+        });
+        reply
+            .reject(ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
         Ok(())
     }
 

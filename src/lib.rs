@@ -27,6 +27,7 @@
 //! - `tokens`   which token may call what: the admin token, spawner tokens from files
 //! - `accept`   accept errors: back-off and rate-bounded warnings, for every accept loop
 //! - `descriptors` RLIMIT_NOFILE raised at start; a config that cannot fit is refused
+//! - `audit`    the audit events: one enum, one place writing each line and moving its metric
 //! - `metrics`  the Prometheus registry passed to every component
 //! - `cli`      the admin commands, as a client of the admin API
 //! - `shutdown` signals
@@ -37,6 +38,7 @@
 
 pub mod accept;
 pub mod admin;
+pub mod audit;
 mod bridge;
 pub mod broker;
 pub mod chp;

@@ -3,8 +3,9 @@
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 
+use crate::audit::Event;
 use crate::broker::Broker;
 
 /// Reloads on every SIGHUP until `cancel`.
@@ -24,7 +25,7 @@ pub async fn on_hangup(broker: Broker, cancel: CancellationToken) {
                     return;
                 }
                 match broker.reload_credentials() {
-                    Ok(cut) => info!(target: "audit", event = "credentials_reloaded", sessions_cut = cut, "SIGHUP: CA keys and revocation list read again"),
+                    Ok(cut) => broker.audit(Event::CredentialsReloaded { sessions_cut: cut }),
                     Err(e) => error!(error = %format!("{e:#}"), "SIGHUP: reload failed; the previous CA keys and revocation list stay in force"),
                 }
             }

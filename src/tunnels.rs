@@ -22,9 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::accept::AcceptErrors;
+use crate::audit::Event;
 use crate::bridge::Bridge;
 use crate::grants::{ForwardRefusal, Grant};
 use crate::metrics::Metrics;
@@ -128,7 +129,12 @@ impl Tunnels {
             Ok(l) => (Some(l), None),
             Err(e) => {
                 let reason = listen_error(&e);
-                warn!(target: "audit", event = "port_unavailable", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), error = %e, "reserved port {}: {reason}; forwards are refused and the bind is retried", grant.port());
+                Event::PortUnavailable {
+                    grant: &grant,
+                    error: &e,
+                    reason,
+                }
+                .record(&self.metrics);
                 (None, Some(reason))
             }
         };
@@ -176,11 +182,11 @@ impl Tunnels {
             Some(old) if old.session.id != new_id => {
                 // The credential's newer session already won the login (sessions.rs), so the
                 // old one is on its way out; this only moves the forward.
-                info!(target: "audit", event = "replaced", tunnel = %id, old_session = old.session.id, new_session = new_id, "newer connection replaces the stale one");
-                self.metrics
-                    .tunnel_revocations
-                    .with_label_values(&["replaced"])
-                    .inc();
+                Event::LinkReplaced {
+                    tunnel: id,
+                    sessions: (old.session.id, new_id),
+                }
+                .record(&self.metrics);
                 old.session
                     .disconnect("replaced by a newer connection for this credential");
             }
@@ -314,7 +320,7 @@ impl AcceptLoop {
             backoff = (backoff * 2).min(Duration::from_secs(5));
             match self.ports.rebind(self.port) {
                 Ok(l) => {
-                    info!(target: "audit", event = "port_bound_again", port = self.port, "reserved port bound again");
+                    Event::PortBoundAgain { port: self.port }.record(&self.metrics);
                     *lock(&self.listen_error) = None;
                     std_listener = Some(l);
                 }

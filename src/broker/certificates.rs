@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use russh::keys::Certificate;
-use tracing::{info, warn};
 
 use super::{Broker, LoginRefusal};
+use crate::audit::Event;
 use crate::credentials::{CertLogin, CertRefusal};
 use crate::grants::{ForwardRefusal, Grant};
 use crate::sessions::LiveSession;
@@ -42,11 +42,12 @@ impl Broker {
         let left = until
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
+        let metrics = self.inner.metrics.clone();
         tokio::spawn(async move {
             tokio::select! {
                 () = session.ended() => {}
                 () = tokio::time::sleep(left) => {
-                    info!(target: "audit", event = "certificate_expired", session = session.id, peer = %session.peer, "certificate expired; session closed");
+                    Event::CertificateExpired { session: (session.id, session.peer) }.record(&metrics);
                     session.disconnect("certificate expired");
                 }
             }
@@ -103,7 +104,10 @@ impl Broker {
         for entry in self.inner.cert_sessions.iter() {
             let (session, login) = entry.value();
             if self.inner.authority.withdrawn(login) {
-                warn!(target: "audit", event = "certificate_revoked", session = session.id, peer = %session.peer, user = %login.user, key_id = %login.key_id, serial = login.serial, "certificate revoked; session closed");
+                self.audit(Event::CertificateRevoked {
+                    session: (session.id, session.peer),
+                    login,
+                });
                 session.disconnect("certificate revoked");
                 cut += 1;
             }

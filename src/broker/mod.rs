@@ -10,6 +10,7 @@ use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::audit::Event;
 use crate::config::Config;
 use crate::credentials::{AuthKind, Authority, CertLogin};
 use crate::fdstore::FdStore;
@@ -227,7 +228,7 @@ impl Broker {
                     at: record.deadline(),
                     reason: EndReason::Expired,
                 });
-                info!(target: "audit", event = "expired", tunnel = %record.id, user = %record.user, server = %record.server_name, port = record.port, "expired while the broker was down");
+                self.audit(Event::ExpiredWhileDown { record: &record });
                 self.persist(record.clone()).await?;
             }
             if let Some(ended) = record.ended {
@@ -273,6 +274,11 @@ impl Broker {
     /// The metrics registry.
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
+    }
+
+    /// Records an audit event: its line and its metric.
+    pub fn audit(&self, event: crate::audit::Event<'_>) {
+        event.record(&self.inner.metrics);
     }
 
     /// The admin API's bearer token.
@@ -370,9 +376,11 @@ impl Broker {
             return Err(IssueError::Store(e));
         }
         self.inner.tunnels.start(Arc::clone(&grant), Ok(listener));
-        self.inner.metrics.tunnels_issued.inc();
         self.update_port_gauge();
-        info!(target: "audit", event = "issue", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port, fingerprint = %grant.fingerprint(), expires_at = grant.expires_at(), lease_seconds = grant.lease_seconds(), generated_key = private_key.is_some(), auth = grant.auth().as_str(), "tunnel issued");
+        self.audit(Event::Issued {
+            grant: &grant,
+            generated_key: private_key.is_some(),
+        });
         Ok(Issued { grant, private_key })
     }
 
@@ -439,13 +447,8 @@ impl Broker {
         if let Some(routes) = &self.inner.routes {
             routes.unwant(grant.id());
         }
-        self.inner
-            .metrics
-            .tunnel_revocations
-            .with_label_values(&[reason.as_str()])
-            .inc();
         self.update_port_gauge();
-        info!(target: "audit", event = reason.as_str(), tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), "tunnel ended");
+        self.audit(Event::Ended { grant, reason });
         // After a renewal in flight has stored its record, so this end is the last write.
         let _writes = grant.writes().lock().await;
         self.persist(grant.to_record())
@@ -461,7 +464,7 @@ impl Broker {
             match grant.ended() {
                 None if now >= grant.deadline() => {
                     if grant.deadline() < grant.expires_at() {
-                        info!(target: "audit", event = "lease_lapsed", tunnel = %grant.id(), user = %grant.user(), server = %grant.server_name(), port = grant.port(), renewed_at = grant.renewed_at(), "not renewed within its lease");
+                        self.audit(Event::LeaseLapsed { grant: &grant });
                     }
                     if let Err(e) = self.end(&grant, EndReason::Expired).await {
                         error!(tunnel = %grant.id(), error = %format!("{e:#}"), "expiry not persisted");
@@ -503,12 +506,10 @@ impl Broker {
             .failures
             .record_failure(ip, std::time::Instant::now())
         {
-            self.inner
-                .metrics
-                .ssh_connection_errors
-                .with_label_values(&["rate_limited"])
-                .inc();
-            warn!(target: "audit", event = "noisy_source", source = %ip, limit = self.inner.config.limits.auth_failures_per_minute, "source passed its failed logins per minute (reported, not blocked)");
+            self.audit(Event::NoisySource {
+                source: ip,
+                limit: self.inner.config.limits.auth_failures_per_minute,
+            });
         }
     }
 

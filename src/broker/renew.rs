@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{error, info};
+use tracing::error;
 
 use super::Broker;
 use crate::grants::Grant;
@@ -95,7 +95,7 @@ impl Broker {
         if let Some(e) = ended(&grant) {
             return Err(e);
         }
-        info!(target: "audit", event = "renew", tunnel = %id, user = %grant.user(), server = %grant.server_name(), port = grant.port(), expires_at = renewal.expires_at, lease_until = grant.lease_until(), "tunnel renewed");
+        self.audit(crate::audit::Event::Renewed { grant: &grant });
         drop(writes);
         Ok(grant)
     }
