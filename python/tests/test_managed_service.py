@@ -136,7 +136,7 @@ def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[
         jobs: List[int] = []
         for p in reversed(procs):
             if "hub" in p.log.name:
-                jobs += [pid for pid, name in descendants(p.proc.pid).items() if name != "tunnelbot"]
+                jobs += [pid for pid, name in descendants(p.proc.pid).items() if not name.startswith("tunnelbot")]
                 stop_process(p.proc, timeout=30)
         for pid in state.get("job_pids", []) + jobs:
             if pid_alive(pid):
@@ -165,7 +165,7 @@ def test_managed_service_broker_survives_a_hub_restart(managed: Dict[str, Any]) 
         return list(r.json()["tunnels"])
 
     hub: Proc = managed["hub"]
-    wait_for(lambda: any(n == "tunnelbot" for n in descendants(hub.proc.pid).values()), 30,
+    wait_for(lambda: any(n.startswith("tunnelbot") for n in descendants(hub.proc.pid).values()), 30,
              "the hub to start the broker service", detail=logs)
     browser = BrowserLike(stack)
     browser.login()
@@ -177,8 +177,8 @@ def test_managed_service_broker_survives_a_hub_restart(managed: Dict[str, Any]) 
     assert browser.status() == 200
     (tunnel,) = [t for t in tunnels() if t["state"] == "active"]
     assert tunnel["connected"] and tunnel["lease_seconds"] == 30
-    old_broker = [pid for pid, n in descendants(hub.proc.pid).items() if n == "tunnelbot"]
-    jobs = [pid for pid, n in descendants(hub.proc.pid).items() if n not in ("tunnelbot", "ssh")]
+    old_broker = [pid for pid, n in descendants(hub.proc.pid).items() if n.startswith("tunnelbot")]
+    jobs = [pid for pid, n in descendants(hub.proc.pid).items() if not n.startswith("tunnelbot") and n != "ssh"]
     managed["job_pids"] = jobs
 
     # The hub stops (cleanup_servers = False: the job lives on) and stops its broker service.
@@ -186,7 +186,7 @@ def test_managed_service_broker_survives_a_hub_restart(managed: Dict[str, Any]) 
     wait_for(lambda: not any(pid_alive(p) for p in old_broker), 15, "the broker service to stop", detail=logs)
     assert any(pid_alive(p) for p in jobs), "the hub's restart stopped the job"
     new_hub = managed["start_hub"]()
-    wait_for(lambda: any(n == "tunnelbot" for n in descendants(new_hub.proc.pid).values()), 30,
+    wait_for(lambda: any(n.startswith("tunnelbot") for n in descendants(new_hub.proc.pid).values()), 30,
              "the restarted hub to start the broker again", detail=logs)
     # The wrapper reconnects (max_backoff = 1 s) on the same hub port, and the hub finds its server.
     wait_for(lambda: browser.status() == 200, 60, "the notebook to answer again after the hub restart", 0.5,
