@@ -262,3 +262,63 @@ def test_a_hub_that_is_not_root_uses_a_spawner_token(tunnelbot_bin: str, hub_gro
             stop_process(b.proc)
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_requeued_job_reruns_its_script_on_the_same_port(broker: Broker, tmp_path: Path) -> None:
+    """A stand-in for `scontrol requeue`: the same bundle (the batch script's here-document) runs
+    twice; between the runs the hub's polls renew the lease, and the second run gets the same
+    tunnel and hub port. (Slurm holds a requeued job back for minutes: too slow for the suite.)"""
+    from conftest import WRAPPER, http_get, python_http_server
+
+    spawner = make_spawner(broker, tmp_path, [], lease_seconds=3, poll_interval=1, max_backoff=1)
+    site = tmp_path / "site"
+    broker_client = client(broker)
+
+    async def issue() -> Tunnel:
+        return await spawner.issue_tunnel(broker_client)
+
+    tunnel = asyncio.run(issue())
+    bundle = spawner.credential_bundle(tunnel)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def run_script() -> "subprocess.Popen[bytes]":
+        log = open(tmp_path / "requeue.log", "ab")
+        proc = subprocess.Popen(["/bin/sh", str(WRAPPER), "--credential", "-", *python_http_server(site)],
+                                stdin=subprocess.PIPE, stdout=log, stderr=log, env=env)
+        assert proc.stdin is not None
+        proc.stdin.write(bundle.encode())
+        proc.stdin.close()
+        return proc
+
+    def served() -> bool:
+        try:
+            return b"hello through the tunnel" in http_get(tunnel.port, "/hello.txt")
+        except OSError:
+            return False
+
+    def state() -> Tunnel:
+        current = asyncio.run(broker_client.get(tunnel.id))
+        assert current is not None
+        return current
+
+    first = run_script()
+    try:
+        wait_for(served, 30, "the first run to answer through the tunnel", 0.1)
+    finally:
+        stop_process(first)
+    wait_for(lambda: not state().connected, 10, "the first run's session to end", 0.1)
+    # Requeued, waiting: the hub keeps polling, and renewing, for longer than the lease.
+    began = time.monotonic()
+    while time.monotonic() - began < 2 * spawner.lease_seconds:
+        renewed = asyncio.run(spawner.renew_tunnel(broker_client, tunnel.id))
+        assert renewed is not None and renewed.active
+        time.sleep(spawner.poll_interval)  # the hub's poll cadence
+    second = run_script()
+    try:
+        wait_for(served, 30, "the requeued run to answer through the same hub port", 0.1,
+                 detail=lambda: (tmp_path / "requeue.log").read_text(errors="replace"))
+        again = state()
+        assert again.id == tunnel.id and again.port == tunnel.port and again.connected and again.active
+    finally:
+        stop_process(second)
+    asyncio.run(broker_client.revoke(tunnel.id))
