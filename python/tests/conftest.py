@@ -145,13 +145,16 @@ def start_broker(
     ssh_port: int = 0,
     admin_port: int = 0,
     ssh_host: str = "127.0.0.1",
+    sections: Optional[Dict[str, str]] = None,
 ) -> Broker:
     """Run ``tunnelbot serve`` on 127.0.0.1 and wait (bounded) for its ready file.
 
     Ports 0 (the default) let the OS pick; a restart passes the ports (and ``workdir``, with the
     keys and state) of the broker it replaces. ``ssh_host``: where jobs dial in (a test's own
-    namespace-facing address, for example).
+    namespace-facing address, for example). ``sections``: extra TOML lines per section
+    (``{"ssh": 'trusted_user_ca_keys = "..."'}``).
     """
+    more = {name: (lines.rstrip("\n") + "\n") for name, lines in (sections or {}).items()}
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tunnelbot.toml"
     public = f'public_host = "{public_host}"\n' if public_host else ""
@@ -162,10 +165,13 @@ def start_broker(
         "[ssh]\n"
         f'listen = "{ssh_host}:{ssh_port}"\n'
         f"{public}"
+        f"{more.get('ssh', '')}"
         "[tunnels]\n"
         'bind_address = "127.0.0.1"\n'
+        f"{more.get('tunnels', '')}"
         "[admin]\n"
         f'listen = "127.0.0.1:{admin_port}"\n'
+        f"{more.get('admin', '')}"
         f"{chp_section}"
         # The default limits need ~30,700 descriptors; a test host's hard limit may be lower.
         "[limits]\n"

@@ -68,3 +68,12 @@ def test_remote_hosts_config_loads(caplog: pytest.LogCaptureFixture) -> None:
         "apptainer", "exec", "--bind", "/shared,/scratch", "/shared/images/notebook.sif", "jupyterhub-singleuser"
     ]
     assert spawner.ssh_host == "hub.cluster.internal" and spawner.known_hosts_file
+
+
+@pytest.mark.parametrize("readme", [README, README.parent.parent / "README.md"])
+def test_every_example_config_keeps_jobs_across_a_hub_restart(readme: Path) -> None:
+    text = readme.read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if b.startswith("# jupyterhub_config.py")]
+    assert len(blocks) >= 3, readme  # full configs, not fragments
+    for block in blocks:
+        assert "c.JupyterHub.cleanup_servers = False" in block, block[:200]

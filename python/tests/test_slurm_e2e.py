@@ -279,9 +279,11 @@ def test_slurm_job_through_tunnelbot(topology: str, cluster: SlurmCluster, tunne
         assert route["target"] == f"http://127.0.0.1:{tunnel['port']}"
         # The README's 8 h wall time is the job's limit, and the tunnel's lifetime with the margin.
         assert "TimeLimit=08:00:00" in cluster.slurm("scontrol", "-o", "show", "job", job_id).stdout
-        issued = datetime.fromisoformat(tunnel["created_at"].replace("Z", "+00:00"))
+        # Renewals (while start() waited, and from every poll) keep it that far from the last one.
+        renewed = datetime.fromisoformat((tunnel["renewed_at"] or tunnel["created_at"]).replace("Z", "+00:00"))
         expires = datetime.fromisoformat(tunnel["expires_at"].replace("Z", "+00:00"))
-        assert (expires - issued).total_seconds() == pytest.approx(8 * 3600 + 900, abs=5)
+        assert (expires - renewed).total_seconds() == pytest.approx(8 * 3600 + 900, abs=5)
+        assert tunnel["lease_seconds"] == 600
 
         # The credential was in no argv, no environment and no hub log line.
         hub_log = stack.hub.text()

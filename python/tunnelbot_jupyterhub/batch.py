@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import batchspawner
 from batchspawner.batchspawner import JobStatus, format_template
-from traitlets import Bool, List as ListTrait, TraitError, Unicode, default, validate
+from traitlets import Bool, Float, List as ListTrait, TraitError, Unicode, default, validate
 
 from .broker import BrokerClient, Tunnel
 from .credential import heredoc
@@ -65,6 +65,7 @@ _SEALED_BATCH = (
     "job_path",
     "submit_env_keep",
     "exit_status_cmd",
+    "job_gone_re",
 )
 
 # What a job id may look like before it is put into a command line (Slurm: 123 or 123_4,
@@ -151,6 +152,22 @@ class TunnelbotBatchMixin(SpawnFormMixin, TunnelbotSpawnerMixin):
         "",
         help="""Command (formatted like batch_query_cmd) that prints an ended job's exit status,
         so a failed start names the wrapper's reason. Empty: not available for this scheduler.""",
+    ).tag(config=True)
+
+    job_gone_re = Unicode(
+        "",
+        help="""Regex on the error of a failed batch_query_cmd that means the scheduler
+        definitely does not know the job (Slurm: "Invalid job id specified"). Only that, or a
+        query that succeeds and shows the job neither pending nor running, ends a server: any
+        other failure, a query that times out (query_timeout) or one cut off by the hub's own
+        shutdown means "unknown", and the server counts as running. Empty: no error is
+        definite.""",
+    ).tag(config=True)
+
+    query_timeout = Float(
+        30.0,
+        help="""Seconds one status query (batch_query_cmd) may take; a slower one is killed and
+        the job's state is unknown (the server counts as running), never gone.""",
     ).tag(config=True)
 
     submit_remote = Bool(
@@ -298,6 +315,35 @@ class TunnelbotBatchMixin(SpawnFormMixin, TunnelbotSpawnerMixin):
             return True
         return bool(super().state_isunknown())
 
+    async def query_job_status(self) -> JobStatus:
+        """batchspawner's query, except that only a definite answer means "gone": a query that
+        fails (unless its error matches job_gone_re), times out or is cancelled is UNKNOWN."""
+        if not self.job_id:
+            self.job_status = ""
+            return JobStatus.NOTFOUND
+        cmd = self._command(self.batch_query_cmd, job_id=str(self.job_id))
+        try:
+            self.job_status = await asyncio.wait_for(self.run_command(cmd), self.query_timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("tunnelbot: the status query of job %s took over %g s; state unknown",
+                             self.job_id, self.query_timeout)
+            return JobStatus.UNKNOWN
+        except Exception as e:
+            message = str(e)
+            if self.job_gone_re and re.search(self.job_gone_re, message):
+                self.job_status = message
+                return JobStatus.NOTFOUND
+            self.log.warning("tunnelbot: cannot query job %s (state unknown): %s", self.job_id, message[-300:])
+            self.job_status = f"{_UNREACHABLE}: {message}" if message.startswith(_UNREACHABLE) else message
+            return JobStatus.UNKNOWN
+        if self.state_isrunning():
+            return JobStatus.RUNNING
+        if self.state_ispending():
+            return JobStatus.PENDING
+        if self.state_isunknown():
+            return JobStatus.UNKNOWN
+        return JobStatus.NOTFOUND
+
     # --- failures the user can read ------------------------------------------------------
 
     async def job_exit_status(self, job_id: str) -> Optional[int]:
@@ -372,6 +418,11 @@ exit "$status"
 class TunnelbotTorqueSpawner(TunnelbotBatchMixin, batchspawner.TorqueSpawner):
     """Torque through tunnelbot (``#PBS -l walltime=[[H:]M:]S``)."""
 
+    job_gone_re = Unicode(
+        r"Unknown Job Id",
+        help="The query's error for a job the scheduler does not know (definitely gone).",
+    ).tag(config=True)
+
     batch_script = Unicode(
         """#!/bin/sh
 #PBS -q {queue}@{host}
@@ -389,6 +440,11 @@ class TunnelbotTorqueSpawner(TunnelbotBatchMixin, batchspawner.TorqueSpawner):
 
 class TunnelbotPBSSpawner(TunnelbotBatchMixin, batchspawner.PBSSpawner):
     """PBS Pro through tunnelbot (``#PBS -l walltime=[[H:]M:]S``)."""
+
+    job_gone_re = Unicode(
+        r"Unknown Job Id",
+        help="The query's error for a job the scheduler does not know (definitely gone).",
+    ).tag(config=True)
 
     batch_script = Unicode(
         """#!/bin/sh
@@ -415,6 +471,11 @@ exit "$status"
 class TunnelbotGridengineSpawner(TunnelbotBatchMixin, batchspawner.GridengineSpawner):
     """SGE/UGE through tunnelbot (``-l h_rt=[[H:]M:]S``)."""
 
+    job_gone_re = Unicode(
+        r"do not exist",
+        help="The query's error for a job the scheduler does not know (definitely gone).",
+    ).tag(config=True)
+
     batch_script = Unicode(
         """#!/bin/sh
 #$ -S /bin/sh
@@ -437,6 +498,11 @@ exit "$status"
 
 class TunnelbotLsfSpawner(TunnelbotBatchMixin, batchspawner.LsfSpawner):
     """LSF through tunnelbot (``#BSUB -W [H:]M``)."""
+
+    job_gone_re = Unicode(
+        r"is not found",
+        help="The query's error for a job the scheduler does not know (definitely gone).",
+    ).tag(config=True)
 
     batch_script = Unicode(
         """#!/bin/sh

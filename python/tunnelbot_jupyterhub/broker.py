@@ -44,6 +44,13 @@ class Tunnel:
     bytes_to_job: int = 0
     bytes_from_job: int = 0
     route: str = "disabled"
+    # The host the proxy dials to reach ``port`` (None from a broker older than the field).
+    tunnel_host: Optional[str] = None
+    # "key" (an issued key pair) or "certificate" (any valid certificate of the site's CA).
+    auth: str = "key"
+    lease_seconds: Optional[int] = None
+    renewed_at: Optional[str] = None
+    lease_until: Optional[str] = None
     # Only in the answer to an issue call; never shown by repr.
     private_key: Optional[str] = field(default=None, repr=False)
 
@@ -73,6 +80,11 @@ class Tunnel:
                 bytes_to_job=int(data.get("bytes_to_job") or 0),
                 bytes_from_job=int(data.get("bytes_from_job") or 0),
                 route=str(data.get("route") or "disabled"),
+                tunnel_host=data.get("tunnel_host") or None,
+                auth=str(data.get("auth") or "key"),
+                lease_seconds=int(data["lease_seconds"]) if data.get("lease_seconds") is not None else None,
+                renewed_at=data.get("renewed_at"),
+                lease_until=data.get("lease_until"),
                 private_key=data.get("private_key"),
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -114,8 +126,12 @@ class BrokerClient:
         ttl_seconds: Optional[int] = None,
         proxy_spec: Optional[str] = None,
         public_key: Optional[str] = None,
+        lease_seconds: Optional[int] = None,
+        auth: Optional[str] = None,
     ) -> Tunnel:
-        """A new tunnel; it carries ``private_key`` unless ``public_key`` was given.
+        """A new tunnel; it carries ``private_key`` unless ``public_key`` was given or ``auth``
+        is ``"certificate"`` (then any valid certificate of the site's CA for ``user`` publishes
+        it). ``lease_seconds``: the tunnel expires that long after its last renewal.
 
         ``proxy_spec`` is sent only when given: admin API v1 refuses unknown fields and
         derives the route path itself from ``[chp] base_url``, the user and the server name.
@@ -127,6 +143,10 @@ class BrokerClient:
             body["proxy_spec"] = proxy_spec
         if public_key is not None:
             body["public_key"] = public_key
+        if lease_seconds is not None:
+            body["lease_seconds"] = int(lease_seconds)
+        if auth is not None and auth != "key":
+            body["auth"] = auth
         resp = await self._call("POST", "/api/v1/tunnels", body)
         if resp.code != 201:
             raise _error(resp)
@@ -156,6 +176,20 @@ class BrokerClient:
             raise _error(resp)
         return True
 
+    async def renew(self, tunnel_id: str, ttl_seconds: Optional[int] = None) -> Optional[Tunnel]:
+        """Extend the expiry to now + ``ttl_seconds`` (never earlier) and restart the lease.
+
+        None when the broker does not know the tunnel (404). A tunnel that has ended (409)
+        raises ``BrokerError`` with ``status`` 409.
+        """
+        body: Optional[Dict[str, Any]] = {"ttl_seconds": int(ttl_seconds)} if ttl_seconds else None
+        resp = await self._call("POST", _tunnel_path(tunnel_id) + "/renew", body)
+        if resp.code == 404:
+            return None
+        if resp.code != 200:
+            raise _error(resp)
+        return Tunnel.from_json(_json(resp))
+
     async def _call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> HTTPResponse:
         request = HTTPRequest(
             self.url + path,
@@ -165,7 +199,7 @@ class BrokerClient:
                 "Accept": "application/json",
                 **({"Content-Type": "application/json"} if body is not None else {}),
             },
-            body=json.dumps(body) if body is not None else None,
+            body=json.dumps(body) if body is not None else ("" if method == "POST" else None),
             connect_timeout=self.timeout,
             request_timeout=self.timeout,
         )

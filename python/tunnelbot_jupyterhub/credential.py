@@ -45,6 +45,8 @@ RETRY_SETTINGS = {
 _HOST = re.compile(r"[A-Za-z0-9.:%_][A-Za-z0-9.:%_-]*")
 _USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
 _TUNNEL_ID = re.compile(r"[A-Za-z0-9_-]+")
+# A file on the node the job's ssh reads (identity_file=, certificate_file=): ssh expands ~ and %.
+_NODE_PATH = re.compile(r"[A-Za-z0-9._/~%+@-]+")
 
 
 def pin_known_hosts(lines: str, host: str, port: int) -> str:
@@ -66,6 +68,8 @@ def pin_known_hosts(lines: str, host: str, port: int) -> str:
 
 def _unix_seconds(timestamp: str) -> int:
     """The broker's RFC 3339 ``expires_at`` as unix seconds."""
+    if timestamp.isdigit():  # already unix seconds
+        return int(timestamp)
     try:
         parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     except ValueError:
@@ -75,14 +79,27 @@ def _unix_seconds(timestamp: str) -> int:
     return int(parsed.timestamp())
 
 
-def render_bundle(tunnel: Tunnel, host: str, ssh_options: Sequence[str], **retry: int) -> str:
+def render_bundle(
+    tunnel: Tunnel,
+    host: str,
+    ssh_options: Sequence[str],
+    identity_file: str = "",
+    certificate_file: str = "",
+    **retry: int,
+) -> str:
     """The credential bundle for ``tunnel``'s job, dialing the broker at ``host``.
 
     ``ssh_options`` become ``-o`` options of the job's ssh (host-key options are refused).
     ``retry`` takes the wrapper's retry tuning (:data:`RETRY_SETTINGS`: ``max_backoff``,
     ``max_attempts``); ``expires_at`` comes from the tunnel. Raises ``ValueError`` for
     inputs the wrapper would refuse, ``BrokerError`` for an issue answer without a key.
+
+    A certificate tunnel (``tunnel.auth == "certificate"``) has no key: the bundle says
+    ``auth=certificate`` and the job's ssh logs in with the site's certificate on the node,
+    ``identity_file`` and ``certificate_file`` (paths on the node; empty: ssh's defaults,
+    ``~/.ssh/id_*`` and their ``-cert.pub``).
     """
+    certificate = tunnel.auth == "certificate"
     if not _HOST.fullmatch(host):
         raise ValueError(f"not a host name the job can dial: {host!r}")
     if not _USER.fullmatch(tunnel.ssh_user):
@@ -91,12 +108,22 @@ def render_bundle(tunnel: Tunnel, host: str, ssh_options: Sequence[str], **retry
         raise ValueError(f"not a tunnel id: {tunnel.id!r}")
     if not 0 < tunnel.ssh_port < 65536:
         raise ValueError(f"ssh port out of range: {tunnel.ssh_port}")
-    if not tunnel.private_key:
-        raise BrokerError(0, "the issue answer carries no private key")
-    key_lines = [line.strip() for line in tunnel.private_key.strip().splitlines()]
-    if not (key_lines[0].startswith("-----BEGIN ") and key_lines[-1].startswith("-----END ")):
-        # The message names no part of the key.
-        raise BrokerError(0, "the issue answer's private key is not PEM text")
+    for path in (identity_file, certificate_file):
+        if path and not _NODE_PATH.fullmatch(path):
+            raise ValueError(f"not a file name the job's ssh can read: {path!r}")
+    key_lines: List[str] = []
+    if certificate:
+        if tunnel.private_key:
+            raise BrokerError(0, "a certificate tunnel's issue answer carries a private key")
+    else:
+        if identity_file or certificate_file:
+            raise ValueError("identity_file and certificate_file are for certificate tunnels only")
+        if not tunnel.private_key:
+            raise BrokerError(0, "the issue answer carries no private key")
+        key_lines = [line.strip() for line in tunnel.private_key.strip().splitlines()]
+        if not (key_lines[0].startswith("-----BEGIN ") and key_lines[-1].startswith("-----END ")):
+            # The message names no part of the key.
+            raise BrokerError(0, "the issue answer's private key is not PEM text")
 
     lines: List[str] = [
         BUNDLE_HEADER,
@@ -108,6 +135,12 @@ def render_bundle(tunnel: Tunnel, host: str, ssh_options: Sequence[str], **retry
     ]
     if tunnel.expires_at:
         lines.append(f"expires_at={_unix_seconds(tunnel.expires_at)}")
+    if certificate:
+        lines.append("auth=certificate")
+        if identity_file:
+            lines.append(f"identity_file={identity_file}")
+        if certificate_file:
+            lines.append(f"certificate_file={certificate_file}")
     for option in ssh_options:
         name = re.split(r"[=\s]", option.strip(), maxsplit=1)[0]
         if not name or "\n" in option or "\r" in option or re.search(r"\s#", option):

@@ -17,6 +17,7 @@ notebook port: only to its SSH port.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import ipaddress
 import os
@@ -31,7 +32,7 @@ from traitlets import Float, Integer, List as ListTrait, TraitError, Unicode, de
 
 from .broker import BrokerClient, Tunnel
 
-from .credential import HOST_KEY_OPTIONS, render_bundle
+from .credential import HOST_KEY_OPTIONS
 from .spawner import TunnelbotSpawnerMixin, describe_exit
 
 __all__ = [
@@ -442,6 +443,10 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
             proc.kill()
             await proc.wait()
             return None, "", f"no answer within {timeout:g} s"
+        except BaseException:  # cancelled (the hub shutting down): no answer, and no ssh left behind
+            if proc.returncode is None:
+                proc.kill()
+            raise
         return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
     def _host_key_error(self, host: str, address: str, stderr: str) -> Optional[UnknownHostKey]:
@@ -490,9 +495,10 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
             self.remote_pid = 0
         if self.tunnel_id:
             await self._release(self.tunnel_id)
+        await self.retry_revokes()
         broker = self.broker()
-        tunnel = await broker.issue(self.user.name, self.name, self.tunnel_lifetime())
-        self.tunnel_id, self.tunnel_port = tunnel.id, tunnel.port
+        tunnel = await self.issue_tunnel(broker)
+        self.tunnel_id, self.tunnel_port, self.tunnel_host = tunnel.id, tunnel.port, self.hub_side(tunnel)[0]
         self.log.info(
             "tunnelbot: tunnel %s on hub port %d for %s on %s", tunnel.id, tunnel.port, self._log_name, host.name
         )
@@ -511,7 +517,7 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
             raise
         finally:
             self._remote_starting = False
-        return ("127.0.0.1", tunnel.port)
+        return self.hub_side(tunnel)
 
     async def _launch(self, host: RemoteHost, binds: Sequence[str], tunnel: Tunnel) -> None:
         broker_host = self.ssh_host or tunnel.ssh_host
@@ -521,7 +527,7 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
                 "to the broker's address as the remote hosts see it"
             )
         marker = f"TUNNELBOT_LAUNCH_{secrets.token_hex(8)}"
-        bundle = render_bundle(tunnel, broker_host, self.ssh_options)
+        bundle = self.credential_bundle(dataclasses.replace(tunnel, ssh_host=broker_host))
         stdin = (self._launch_script(self.get_env(), binds) + marker + "\n" + bundle).encode()
         if not bundle.endswith("\n"):
             stdin += b"\n"
@@ -552,7 +558,7 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
         deadline = loop.time() + self.connect_timeout
         next_check = loop.time() + 2.0
         while True:
-            current = await broker.get(tunnel.id)
+            current = await self.check_tunnel(broker, tunnel.id)
             if current is None or not current.active:
                 state = "unknown to the broker" if current is None else current.state
                 raise RuntimeError(f"tunnelbot tunnel {tunnel.id} is {state}")
@@ -576,6 +582,8 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
     async def poll(self) -> Optional[int]:
         if self._remote_starting:
             return None
+        if self.pending_revokes:
+            await self.retry_revokes()
         if not self.remote_pid:
             return 0
         alive = await self._remote_state(self.remote_address, self.remote_pid)
@@ -588,7 +596,8 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
         if not self.tunnel_id:
             return None
         try:
-            current = await self.broker().get(self.tunnel_id)
+            # The renewal keeps the lease (and the expiry).
+            current = await self.renew_tunnel(self.broker(), self.tunnel_id)
         except Exception as e:
             # A broker restart must not look like every server dying at once.
             self.log.warning("tunnelbot: cannot check tunnel %s: %s", self.tunnel_id, e)

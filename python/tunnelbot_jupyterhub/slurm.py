@@ -88,6 +88,17 @@ exit "$status"
         help="Finds the node in batch_query_cmd's output.",
     ).tag(config=True)
 
+    state_pending_re = Unicode(
+        r"^(?:PENDING|CONFIGURING|REQUEUED|REQUEUE_HOLD|REQUEUE_FED|RESIZING|SUSPENDED)",
+        help="""Job states that will run (again): a requeued job (scontrol requeue, a node
+        failure) keeps its server, and re-runs its script with the same tunnel and port.""",
+    ).tag(config=True)
+
+    job_gone_re = Unicode(
+        r"Invalid job id specified",
+        help="squeue's error for a job Slurm does not know (definitely gone).",
+    ).tag(config=True)
+
     exit_status_cmd = Unicode(
         "scontrol -o show job {job_id}",
         help="Prints the ended job's record; its ExitCode=STATUS:SIGNAL is what the user is told.",

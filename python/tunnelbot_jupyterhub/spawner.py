@@ -2,13 +2,19 @@
 
 The job runs ``tunnelbot-job <notebook command>``; the wrapper opens
 ``ssh -R 0:127.0.0.1:<node port>`` to the broker, which listens on the hub port P it
-reserved for this spawn. ``start()`` returns ``("127.0.0.1", P)``: JupyterHub (and CHP)
-only ever see the hub side of the tunnel, never the node's address or port.
+reserved for this spawn. ``start()`` returns ``(tunnel_host, P)`` (the host the broker says
+the proxy dials, ``127.0.0.1`` from an older broker): JupyterHub (and CHP) only ever see the
+hub side of the tunnel, never the node's address or port.
+
+Leases: the tunnel is issued with ``lease_seconds`` and renewed while ``start()`` waits and
+from every ``poll()``, so a tunnel whose hub record is gone (or whose revoke was lost) ends
+within the lease. A revoke that fails is kept in the spawner's state and retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import pwd
 import shutil
@@ -18,10 +24,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
-from traitlets import Float, Integer, List as ListTrait, TraitError, Unicode, default, validate
+from traitlets import Enum, Float, Integer, List as ListTrait, TraitError, Unicode, default, validate
 
 from .broker import BrokerClient, BrokerError, Tunnel
-from .credential import pin_known_hosts, render_bundle
+from .credential import _unix_seconds, pin_known_hosts, render_bundle
 from .wrapper import job_wrapper_path
 
 __all__ = ["TunnelbotLocalProcessSpawner", "TunnelbotSpawnerMixin", "pin_known_hosts", "seal_traits"]
@@ -56,7 +62,13 @@ _SEALED = (
     "ssh_options",
     "job_wrapper",
     "credential_dir",
+    "tunnel_auth",
+    "job_identity_file",
+    "job_certificate_file",
 )
+
+# A lease must outlast this many poll intervals: one lost or slow poll must not end a tunnel.
+LEASE_POLLS = 3
 
 
 def seal_traits(obj: Any, proposal: Any) -> Any:
@@ -90,7 +102,10 @@ class TunnelbotSpawnerMixin(Spawner):
     ).tag(config=True)
 
     broker_token_file = Unicode(
-        help="""File holding the broker's admin token (the broker's <keys_dir>/admin.token).
+        help="""File holding the token the hub calls the broker's admin API with: a spawner
+        token (`tunnelbot token create --scope spawner --group GROUP`, a 0640 file readable by
+        the hub's group: the way for a hub that is not root), or the broker's
+        <keys_dir>/admin.token (0600, the broker's user only).
 
         Defaults to $TUNNELBOT_ADMIN_TOKEN_FILE. Read at each use, so the token can be
         rotated without restarting the hub.""",
@@ -156,6 +171,64 @@ class TunnelbotSpawnerMixin(Spawner):
         is issued, before the job waits in the queue.""",
     ).tag(config=True)
 
+    lease_seconds = Integer(
+        600,
+        help="""The tunnel's lease, seconds: the broker ends a tunnel not renewed for that long.
+        The hub renews it while start() waits and at every poll() (every poll_interval), so a
+        tunnel whose hub record is gone, or whose revoke was lost, ends within the lease. Must
+        be 0 (no lease) or at least 3 poll intervals, and no longer than the broker's
+        tunnels.lease when that is set.""",
+    ).tag(config=True)
+
+    @validate("lease_seconds")
+    def _validate_lease_seconds(self, proposal: Dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if value < 0:
+            raise TraitError("lease_seconds must be 0 (no lease) or positive")
+        return value
+
+    max_backoff = Integer(
+        10,
+        help="""The job wrapper's longest pause between two ssh attempts, seconds (the bundle's
+        max_backoff=): once the broker is back, the notebook is reachable again within about
+        this long. The wrapper retries through broker outages until the credential's expiry.""",
+    ).tag(config=True)
+
+    max_attempts = Integer(
+        10,
+        help="""Failed ssh attempts in a row after which the job wrapper gives up, for a
+        credential without an expiry (the bundle's max_attempts=).""",
+    ).tag(config=True)
+
+    @validate("max_backoff", "max_attempts")
+    def _validate_retry(self, proposal: Dict[str, Any]) -> int:
+        value = int(proposal["value"])
+        if value < 1:
+            raise TraitError(f"{proposal['trait'].name} must be at least 1")
+        return value
+
+    tunnel_auth = Enum(
+        ["key", "certificate"],
+        default_value="key",
+        help="""How the job logs in to the broker. "key": the broker issues a key pair per
+        tunnel and the private key travels in the job's credential bundle. "certificate": the
+        tunnel is issued with "auth": "certificate" and no key; the job's ssh logs in with the
+        user's certificate from the site's OpenSSH CA (the broker's ssh.trusted_user_ca_keys),
+        found on the node at job_identity_file / job_certificate_file.""",
+    ).tag(config=True)
+
+    job_identity_file = Unicode(
+        "",
+        help="""Certificate tunnels: the private key on the node the job's ssh logs in with
+        ("~" is the job user's home). Empty: ssh's defaults (~/.ssh/id_ed25519 and friends).""",
+    ).tag(config=True)
+
+    job_certificate_file = Unicode(
+        "",
+        help="""Certificate tunnels: the certificate on the node, for job_identity_file. Empty:
+        ssh's default, the identity's -cert.pub next to it.""",
+    ).tag(config=True)
+
     connect_timeout = Float(
         help="""Seconds start() waits for the job's tunnel once the job is submitted.
         Default: start_timeout minus 5, so the user sees this reason rather than a bare
@@ -182,6 +255,10 @@ class TunnelbotSpawnerMixin(Spawner):
     # Persisted through get_state/load_state so a restarted hub polls the same tunnel.
     tunnel_id = Unicode("")
     tunnel_port = Integer(0)
+    tunnel_host = Unicode("")
+    # Revokes that failed (broker unreachable): retried at the next start/poll/stop, and by a
+    # background task; kept across clear_state() and hub restarts.
+    pending_revokes = ListTrait(Unicode())
 
     # Traits of the base spawner that the mixin assigns to (annotations only, for mypy).
     cmd: List[str]
@@ -189,6 +266,8 @@ class TunnelbotSpawnerMixin(Spawner):
 
     _tunnelbot_starting: bool = False
     _tunnelbot_sealed: bool = False
+    _tunnelbot_last_renewal: float = 0.0
+    _tunnelbot_revoke_task: "Optional[asyncio.Task[None]]" = None
 
     # A launcher that runs the job elsewhere (over ssh, say) sets this class attribute and
     # writes credential_stdin, during its start(), to the job's standard input.
@@ -212,6 +291,69 @@ class TunnelbotSpawnerMixin(Spawner):
             return walltime + self.lifetime_margin
         return self.default_lifetime or None
 
+    def tunnel_lease(self) -> Optional[int]:
+        """The lease to ask for at issue (None: none); refuses one that polls cannot keep up."""
+        if not self.lease_seconds:
+            return None
+        least = LEASE_POLLS * float(self.poll_interval)
+        if self.lease_seconds < least:
+            raise ValueError(
+                f"tunnelbot: lease_seconds ({self.lease_seconds}) must be at least {LEASE_POLLS} poll intervals "
+                f"({least:g} s with Spawner.poll_interval = {self.poll_interval:g}), or 0 for no lease"
+            )
+        return int(self.lease_seconds)
+
+    async def issue_tunnel(self, broker: BrokerClient) -> Tunnel:
+        """Issue this spawn's tunnel: lifetime, lease and kind of credential from the settings."""
+        lease = self.tunnel_lease()
+        tunnel = await broker.issue(
+            self.user.name,
+            self.name,
+            self.tunnel_lifetime(),
+            lease_seconds=lease,
+            auth="certificate" if self.tunnel_auth == "certificate" else None,
+        )
+        self._tunnelbot_last_renewal = asyncio.get_running_loop().time()
+        return tunnel
+
+    def hub_side(self, tunnel: Tunnel) -> Tuple[str, int]:
+        """(host, port) the proxy dials: the broker's tunnel_host (127.0.0.1 from an older broker)."""
+        return (tunnel.tunnel_host or "127.0.0.1", tunnel.port)
+
+    def _renewal_due(self) -> bool:
+        if not self.lease_seconds:
+            return True  # no lease: renew at each poll (queue waits must not eat the job's time)
+        elapsed = asyncio.get_running_loop().time() - self._tunnelbot_last_renewal
+        return elapsed >= min(float(self.poll_interval), self.lease_seconds / LEASE_POLLS)
+
+    async def renew_tunnel(self, broker: BrokerClient, tunnel_id: str) -> Optional[Tunnel]:
+        """Renew the tunnel (expiry now + lifetime, never earlier; the lease restarts).
+
+        Returns the tunnel as the broker now has it; None when it is unknown. A tunnel that has
+        ended comes back as it is (not active). ``BrokerError`` (status 0 or 5xx): cannot tell.
+        """
+        try:
+            current = await broker.renew(tunnel_id, self.tunnel_lifetime())
+        except BrokerError as e:
+            if e.status != 409:
+                raise
+            return await broker.get(tunnel_id)  # ended: its state says how
+        if current is None:
+            # Unknown, or a broker without renewals (its 404 names no tunnel): ask.
+            current = await broker.get(tunnel_id)
+            if current is not None and current.active:
+                self.log.warning("tunnelbot: the broker cannot renew tunnels (older than renewals); not renewing")
+                return current
+        if current is not None:
+            self._tunnelbot_last_renewal = asyncio.get_running_loop().time()
+        return current
+
+    async def check_tunnel(self, broker: BrokerClient, tunnel_id: str) -> Optional[Tunnel]:
+        """The tunnel's state, renewing it when a renewal is due."""
+        if self._renewal_due():
+            return await self.renew_tunnel(broker, tunnel_id)
+        return await broker.get(tunnel_id)
+
     def job_ssh_host(self, tunnel: Tunnel) -> str:
         host = self.ssh_host or tunnel.ssh_host
         if not host:
@@ -222,10 +364,32 @@ class TunnelbotSpawnerMixin(Spawner):
         return host
 
     def credential_bundle(self, tunnel: Tunnel) -> str:
-        """The job's credential bundle (a secret: never logged, never in argv or env)."""
-        if not tunnel.private_key:
+        """The job's credential bundle (a secret: never logged, never in argv or env).
+
+        With a lease the broker's expiry moves with each renewal, but the bundle is fixed
+        when the job is submitted (and re-read by a requeued job): its ``expires_at``, the
+        wrapper's retry horizon, is then the issue-time expiry plus the lifetime once more,
+        so a queue wait or requeue as long as the wall time does not end its retries early.
+        The broker's refusal (revoked, expired, lease lapsed) still stops the wrapper at once.
+        """
+        certificate = self.tunnel_auth == "certificate"
+        if not certificate and not tunnel.private_key:
             raise BrokerError(0, "the issue answer carries no private key")
-        return render_bundle(tunnel, self.job_ssh_host(tunnel), list(self.ssh_options))
+        if self.lease_seconds and tunnel.expires_at and tunnel.created_at:
+            end, start = _unix_seconds(tunnel.expires_at), _unix_seconds(tunnel.created_at)
+            horizon = end + max(0, end - start)
+            tunnel = dataclasses.replace(tunnel, expires_at=f"{horizon}")
+        if certificate:
+            tunnel = dataclasses.replace(tunnel, auth="certificate")
+        return render_bundle(
+            tunnel,
+            self.job_ssh_host(tunnel),
+            list(self.ssh_options),
+            identity_file=self.job_identity_file if certificate else "",
+            certificate_file=self.job_certificate_file if certificate else "",
+            max_backoff=int(self.max_backoff),
+            max_attempts=int(self.max_attempts),
+        )
 
     def wrapper_argv(self, credential: List[str]) -> List[str]:
         """The job wrapper's command line up to (not including) Spawner.cmd."""
@@ -290,9 +454,10 @@ class TunnelbotSpawnerMixin(Spawner):
     async def start(self) -> Tuple[str, int]:
         if self.tunnel_id:  # left over from a spawn nobody cleaned up
             await self._release(self.tunnel_id)
+        await self.retry_revokes()
         broker = self.broker()
-        tunnel = await broker.issue(self.user.name, self.name, self.tunnel_lifetime())
-        self.tunnel_id, self.tunnel_port = tunnel.id, tunnel.port
+        tunnel = await self.issue_tunnel(broker)
+        self.tunnel_id, self.tunnel_port, self.tunnel_host = tunnel.id, tunnel.port, self.hub_side(tunnel)[0]
         self.log.info("tunnelbot: tunnel %s on hub port %d for %s", tunnel.id, tunnel.port, self._log_name)
         self._tunnelbot_starting = True
         launch: Optional[asyncio.Future[Any]] = None
@@ -307,7 +472,7 @@ class TunnelbotSpawnerMixin(Spawner):
             raise
         finally:
             self._tunnelbot_starting = False
-        return ("127.0.0.1", tunnel.port)
+        return self.hub_side(tunnel)
 
     async def _job_exit_status_while_starting(self) -> Optional[int]:
         """The job's exit status while the base start() still runs; None if unknown or alive."""
@@ -324,7 +489,7 @@ class TunnelbotSpawnerMixin(Spawner):
                 status = await self._job_exit_status_while_starting()
             if status is not None:
                 raise RuntimeError(f"the job ended before its tunnel came up ({describe_exit(status)})")
-            current = await broker.get(tunnel.id)
+            current = await self.check_tunnel(broker, tunnel.id)
             if current is None or not current.active:
                 state = "unknown to the broker" if current is None else current.state
                 raise RuntimeError(f"tunnelbot tunnel {tunnel.id} is {state}")
@@ -338,7 +503,7 @@ class TunnelbotSpawnerMixin(Spawner):
                 )
             await asyncio.wait([launch], timeout=min(self.connect_poll_interval, remaining))
         if not launch.done():
-            # The hub talks to 127.0.0.1:P, so a launcher still waiting to learn the
+            # The hub talks to tunnel_host:P, so a launcher still waiting to learn the
             # node's port (batchspawner) is told P and can return.
             if not self.port:
                 self.port = tunnel.port
@@ -366,18 +531,59 @@ class TunnelbotSpawnerMixin(Spawner):
         return True
 
     async def _release(self, tunnel_id: str) -> None:
-        """Revoke the tunnel (already gone is fine); the job's ssh is cut off with it."""
+        """Revoke the tunnel (already gone is fine); the job's ssh is cut off with it.
+
+        A revoke that fails is kept in ``pending_revokes`` and retried (the next start, poll
+        or stop, and a background task); meanwhile the lease ends the tunnel anyway.
+        """
+        if not await self._revoke(tunnel_id):
+            if tunnel_id not in self.pending_revokes:
+                self.pending_revokes = list(self.pending_revokes) + [tunnel_id]
+            self._schedule_revoke_retry()
+        if self.tunnel_id == tunnel_id:
+            self.tunnel_id, self.tunnel_port, self.tunnel_host = "", 0, ""
+
+    async def _revoke(self, tunnel_id: str) -> bool:
+        """True once the broker has the tunnel revoked (or does not know it)."""
         try:
             await self.broker().revoke(tunnel_id)
         except BrokerError as e:
-            # The grant still ends at its expiry; stopping the job must not hinge on the broker.
-            self.log.error("tunnelbot: could not revoke tunnel %s: %s", tunnel_id, e)
-        if self.tunnel_id == tunnel_id:
-            self.tunnel_id, self.tunnel_port = "", 0
+            # Stopping the job must not hinge on the broker: the revoke is retried.
+            self.log.error("tunnelbot: could not revoke tunnel %s (will retry): %s", tunnel_id, e)
+            return False
+        return True
+
+    async def retry_revokes(self) -> None:
+        """Retry the revokes that failed before; those that succeed leave the state."""
+        for tunnel_id in list(self.pending_revokes):
+            if await self._revoke(tunnel_id):
+                self.log.info("tunnelbot: revoked tunnel %s (retried)", tunnel_id)
+                self.pending_revokes = [t for t in self.pending_revokes if t != tunnel_id]
+
+    def _schedule_revoke_retry(self) -> None:
+        """A background task retrying the pending revokes every poll interval, for as long as
+        a lease (or 10 minutes without one): after that the broker has ended them itself."""
+        if self._tunnelbot_revoke_task is not None and not self._tunnelbot_revoke_task.done():
+            return
+
+        async def retry() -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + (self.lease_seconds or 600)
+            interval = max(1.0, min(float(self.poll_interval), 30.0))
+            while self.pending_revokes and loop.time() < deadline:
+                await asyncio.sleep(interval)
+                await self.retry_revokes()
+
+        try:
+            self._tunnelbot_revoke_task = asyncio.ensure_future(retry())
+        except RuntimeError:  # no running loop
+            pass
 
     async def poll(self) -> Optional[int]:
         if self._tunnelbot_starting:
             return None
+        if self.pending_revokes:
+            await self.retry_revokes()
         tunnel_id = self.tunnel_id  # the base poll may clear_state()
         status: Optional[int] = await super().poll()
         if not tunnel_id:
@@ -386,7 +592,8 @@ class TunnelbotSpawnerMixin(Spawner):
             await self._release(tunnel_id)
             return status
         try:
-            current = await self.broker().get(tunnel_id)
+            # The renewal keeps the lease (and the expiry, past queue waits and requeues).
+            current = await self.renew_tunnel(self.broker(), tunnel_id)
         except BrokerError as e:
             # A broker restart must not look like every server dying at once.
             self.log.warning("tunnelbot: cannot check tunnel %s: %s", tunnel_id, e)
@@ -414,17 +621,25 @@ class TunnelbotSpawnerMixin(Spawner):
         if self.tunnel_id:
             state["tunnelbot_tunnel_id"] = self.tunnel_id
             state["tunnelbot_port"] = self.tunnel_port
+            state["tunnelbot_host"] = self.tunnel_host
+        if self.pending_revokes:
+            state["tunnelbot_pending_revokes"] = list(self.pending_revokes)
         return state
 
     def load_state(self, state: Dict[str, Any]) -> None:
         super().load_state(state)
         self.tunnel_id = state.get("tunnelbot_tunnel_id", "")
         self.tunnel_port = int(state.get("tunnelbot_port", 0))
+        self.tunnel_host = str(state.get("tunnelbot_host", "") or "")
+        pending = state.get("tunnelbot_pending_revokes") or []
+        self.pending_revokes = [str(t) for t in pending if isinstance(t, str)]
 
     def clear_state(self) -> None:
+        # pending_revokes stay: they outlive the server they belonged to.
         super().clear_state()
         self.tunnel_id = ""
         self.tunnel_port = 0
+        self.tunnel_host = ""
 
 
 class TunnelbotLocalProcessSpawner(TunnelbotSpawnerMixin, LocalProcessSpawner):

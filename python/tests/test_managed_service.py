@@ -1,0 +1,205 @@
+"""Managed-service mode end to end: a real JupyterHub starts the broker as a service (the
+README's `c.JupyterHub.services` entry), spawns through CHP and a tunnel, and a hub restart
+(which restarts the service) leaves the notebook reachable once its wrapper reconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import secrets
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+from conftest import descendants, free_port, pid_alive, stop_process, wait_for
+from test_e2e_jupyterhub import BIN_DIR, BrowserLike, Proc, launch, requirements, start_until_ready  # noqa: F401
+
+pytestmark = pytest.mark.e2e
+
+
+def _service_block() -> str:
+    """The README's managed-service entry (Renewals, leases and scoped tokens section)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("**Managed-service mode.**", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "c.JupyterHub.services" in block and "cleanup_servers = False" in block
+    return block
+
+
+@pytest.fixture
+def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[Dict[str, Any]]:
+    import requests
+
+    chp_token = secrets.token_hex(32)
+    env = {**os.environ, "PATH": f"{BIN_DIR}:{os.environ['PATH']}", "CONFIGPROXY_AUTH_TOKEN": chp_token,
+           "RUST_LOG": "info"}
+    ports = {"public": free_port(), "api": free_port(), "hub": free_port(), "ssh": free_port(), "admin": free_port()}
+    procs: List[Proc] = []
+    chp = launch([os.environ["CHP_BIN"], "--ip", "127.0.0.1", "--port", str(ports["public"]), "--api-ip", "127.0.0.1",
+                  "--api-port", str(ports["api"]), "--error-target", f"http://127.0.0.1:{ports['hub']}/hub/error"],
+                 tmp_path / "chp.log", env, tmp_path)
+    procs.append(chp)
+    chp_api = f"http://127.0.0.1:{ports['api']}"
+
+    def chp_ready() -> bool:
+        if chp.proc.poll() is not None:
+            raise AssertionError(chp.text())
+        try:
+            return requests.get(chp_api + "/api/routes", headers={"Authorization": f"token {chp_token}"},
+                                timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(chp_ready, 30, "CHP", 0.1)
+    bdir = tmp_path / "broker"
+    bdir.mkdir()
+    broker_config = bdir / "tunnelbot.toml"
+    # No hub API settings: the broker takes JUPYTERHUB_API_URL/TOKEN from the service's environment.
+    broker_config.write_text(
+        f'keys_dir = "{bdir / "keys"}"\nstate_dir = "{bdir / "state"}"\n'
+        f'[ssh]\nlisten = "127.0.0.1:{ports["ssh"]}"\n'
+        '[tunnels]\nbind_address = "127.0.0.1"\n'
+        f'[admin]\nlisten = "127.0.0.1:{ports["admin"]}"\n'
+        f'[chp]\nenabled = true\napi_url = "{chp_api}"\nreconcile_interval = "1s"\n'
+        "[limits]\nmax_sessions = 1000\n"
+    )
+    hub_dir = tmp_path / "hub"
+    (hub_dir / "notebooks").mkdir(parents=True)
+    (hub_dir / "notebooks" / "hello.txt").write_text("hello from the job")
+    username = pwd.getpwuid(os.geteuid()).pw_name
+    password = secrets.token_hex(12)
+    jupyter = hub_dir / "jupyter"
+    block = _service_block().replace(
+        '["tunnelbot", "serve", "--config", "/etc/tunnelbot/tunnelbot.toml"]',
+        f'["{tunnelbot_bin}", "serve", "--config", "{broker_config}", "--ready-file", "{bdir / "ready.json"}"]',
+    )
+    assert str(broker_config) in block, "the README's service command changed"
+    config = hub_dir / "jupyterhub_config.py"
+    config.write_text(
+        "import os\n"
+        + block
+        + "\n# --- this test's machine\n"
+        f"c.JupyterHub.bind_url = 'http://127.0.0.1:{ports['public']}/'\n"
+        f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{ports['hub']}'\n"
+        "c.ConfigurableHTTPProxy.should_start = False\n"
+        f"c.ConfigurableHTTPProxy.api_url = '{chp_api}'\n"
+        f"c.JupyterHub.db_url = 'sqlite:///{hub_dir}/jupyterhub.sqlite'\n"
+        f"c.JupyterHub.cookie_secret_file = '{hub_dir}/cookie_secret'\n"
+        "c.JupyterHub.authenticator_class = 'shared-password'\n"
+        f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
+        f"c.Authenticator.allowed_users = {{'{username}'}}\n"
+        "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
+        f"c.TunnelbotSpawnerMixin.broker_url = 'http://127.0.0.1:{ports['admin']}'\n"
+        f"c.TunnelbotSpawnerMixin.broker_token_file = '{bdir / 'keys' / 'admin.token'}'\n"
+        "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
+        "c.TunnelbotSpawnerMixin.max_backoff = 1\n"
+        "c.TunnelbotSpawnerMixin.lease_seconds = 30\n"
+        f"c.Spawner.cmd = ['{BIN_DIR / 'jupyterhub-singleuser'}']\n"
+        f"c.Spawner.notebook_dir = '{hub_dir / 'notebooks'}'\n"
+        "c.Spawner.start_timeout = 60\nc.Spawner.http_timeout = 60\nc.Spawner.poll_interval = 2\n"
+        f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': '{jupyter}/runtime', "
+        f"'JUPYTER_DATA_DIR': '{jupyter}/data', 'JUPYTER_CONFIG_DIR': '{jupyter}/config', 'TMPDIR': '{hub_dir}'}}\n"
+        + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
+    )
+    launches = [0]
+
+    def start_hub(attempt: int = 0) -> Proc:
+        launches[0] += 1
+        p = launch([str(BIN_DIR / "jupyterhub"), "-f", str(config)], tmp_path / f"hub{launches[0]}.log", env, hub_dir)
+        procs.append(p)
+        return p
+
+    def hub_ready(p: Proc) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{ports['public']}/hub/api/", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    state: Dict[str, Any] = {}
+    try:
+        state["hub"] = start_until_ready("JupyterHub", start_hub, hub_ready, 60)
+        state.update(
+            start_hub=lambda: start_until_ready("JupyterHub", start_hub, hub_ready, 60),
+            stack=SimpleNamespace(hub_url=f"http://127.0.0.1:{ports['public']}", username=username, password=password),
+            admin_url=f"http://127.0.0.1:{ports['admin']}", token_file=bdir / "keys" / "admin.token",
+            chp_api=chp_api, chp_token=chp_token, procs=procs,
+        )
+        yield state
+    finally:
+        # Leave nothing running: the last hub stops its servers only when asked, so stop the
+        # server's processes by PID after the hub (and with it the broker service) is gone.
+        jobs: List[int] = []
+        for p in reversed(procs):
+            if "hub" in p.log.name:
+                jobs += [pid for pid, name in descendants(p.proc.pid).items() if not name.startswith("tunnelbot")]
+                stop_process(p.proc, timeout=30)
+        for pid in state.get("job_pids", []) + jobs:
+            if pid_alive(pid):
+                try:
+                    os.kill(pid, 15)
+                except OSError:
+                    pass
+        for p in procs:
+            stop_process(p.proc)
+
+
+def test_managed_service_broker_survives_a_hub_restart(managed: Dict[str, Any]) -> None:
+    import requests
+
+    stack = managed["stack"]
+    user = stack.username
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.log.name}\n{p.text()[-5000:]}" for p in managed["procs"])
+
+    def tunnels() -> List[Dict[str, Any]]:
+        token = Path(managed["token_file"]).read_text().strip()
+        r = requests.get(managed["admin_url"] + "/api/v1/tunnels", headers={"Authorization": f"Bearer {token}"},
+                         timeout=5)
+        r.raise_for_status()
+        return list(r.json()["tunnels"])
+
+    hub: Proc = managed["hub"]
+    wait_for(lambda: any(n.startswith("tunnelbot") for n in descendants(hub.proc.pid).values()), 30,
+             "the hub to start the broker service", detail=logs)
+    browser = BrowserLike(stack)
+    browser.login()
+    r = browser.hub_api("POST", f"/users/{user}/server")
+    assert r.status_code in (201, 202), r.text
+    wait_for(lambda: (browser.server() or {}).get("ready"), 90, "the server to be ready", 0.2, detail=logs)
+    page = browser.session.get(f"{stack.hub_url}/user/{user}/files/hello.txt", timeout=30)
+    assert page.status_code == 200 and page.text == "hello from the job"
+    assert browser.status() == 200
+    (tunnel,) = [t for t in tunnels() if t["state"] == "active"]
+    assert tunnel["connected"] and tunnel["lease_seconds"] == 30
+    old_broker = [pid for pid, n in descendants(hub.proc.pid).items() if n.startswith("tunnelbot")]
+    jobs = [pid for pid, n in descendants(hub.proc.pid).items() if not n.startswith("tunnelbot") and n != "ssh"]
+    managed["job_pids"] = jobs
+
+    # The hub stops (cleanup_servers = False: the job lives on) and stops its broker service.
+    stop_process(hub.proc, timeout=30)
+    wait_for(lambda: not any(pid_alive(p) for p in old_broker), 15, "the broker service to stop", detail=logs)
+    assert any(pid_alive(p) for p in jobs), "the hub's restart stopped the job"
+    new_hub = managed["start_hub"]()
+    wait_for(lambda: any(n.startswith("tunnelbot") for n in descendants(new_hub.proc.pid).values()), 30,
+             "the restarted hub to start the broker again", detail=logs)
+    # The wrapper reconnects (max_backoff = 1 s) on the same hub port, and the hub finds its server.
+    wait_for(lambda: browser.status() == 200, 60, "the notebook to answer again after the hub restart", 0.5,
+             detail=logs)
+    again = next(t for t in tunnels() if t["id"] == tunnel["id"])
+    assert again["state"] == "active" and again["connected"] and again["port"] == tunnel["port"]
+    # The restarted hub's polls renew the lease.
+    wait_for(lambda: next(t for t in tunnels() if t["id"] == tunnel["id"])["renewed_at"] != again["renewed_at"], 30,
+             "a renewal from the restarted hub's poll", 0.5, detail=logs)
+
+    r = browser.hub_api("DELETE", f"/users/{user}/server")
+    assert r.status_code in (202, 204), r.text
+    wait_for(lambda: browser.server() is None, 60, "the server to stop", detail=logs)
+    final = next(t for t in tunnels() if t["id"] == tunnel["id"])
+    assert final["state"] == "revoked"
+    wait_for(lambda: not any(pid_alive(p) for p in jobs), 30, "the job's processes to exit")
