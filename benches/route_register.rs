@@ -11,10 +11,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tunnelbot::chp::ChpClient;
 use tunnelbot::config::{ChpConfig, PortRange};
 use tunnelbot::metrics::Metrics;
-use tunnelbot::routes::{Route, RouteBackend, RouteState, Routes};
+use tunnelbot::routes::chp::ChpClient;
+use tunnelbot::routes::{BaseUrl, RouteBackend, RouteEntry, RoutePath, RouteState, Routes, Target};
+
+/// The route the broker writes for `user`'s default server on hub port `port`.
+fn entry(user: &str, port: u16) -> RouteEntry {
+    let root = BaseUrl::new("/").unwrap_or_else(|e| panic!("{e}"));
+    let path = RoutePath::new(&root, user, "").unwrap_or_else(|e| panic!("{e}"));
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    RouteEntry::new(path, target)
+}
 
 struct ChpProcess(Child);
 
@@ -79,11 +90,13 @@ fn bench(c: &mut Criterion) {
         ..ChpConfig::default()
     };
     let rt = tokio::runtime::Runtime::new().unwrap_or_else(|e| panic!("{e}"));
-    let client = Arc::new(ChpClient::from_config(&config).unwrap_or_else(|e| panic!("{e}")));
+    let root = BaseUrl::new("/").unwrap_or_else(|e| panic!("{e}"));
+    let client =
+        Arc::new(ChpClient::from_config(&config, root.clone()).unwrap_or_else(|e| panic!("{e}")));
     // A realistic table: 500 other users' routes.
     rt.block_on(async {
         for i in 0..500u16 {
-            let r = Route::for_server("/", &format!("user{i}"), "", "127.0.0.1", 20000 + i);
+            let r = entry(&format!("user{i}"), 20000 + i);
             client.put(&r).await.unwrap_or_else(|e| panic!("{e}"));
         }
     });
@@ -93,7 +106,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("chp_post", |b| {
         b.to_async(&rt).iter(|| {
             n += 1;
-            let r = Route::for_server("/", "bench", "", "127.0.0.1", 21000 + (n % 500) as u16);
+            let r = entry("bench", 21000 + (n % 500) as u16);
             let client = Arc::clone(&client);
             async move { client.put(&r).await.unwrap_or_else(|e| panic!("{e}")) }
         })
@@ -106,7 +119,7 @@ fn bench(c: &mut Criterion) {
     };
     let routes = Routes::new(
         client.clone(),
-        "/".into(),
+        root,
         "127.0.0.1".into(),
         range,
         Duration::from_secs(3600),
@@ -119,16 +132,11 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt).iter(|| {
             m += 1;
             let id = format!("tb_{m}");
-            let route = Route::for_server(
-                "/",
-                &format!("live{}", m % 200),
-                "",
-                "127.0.0.1",
-                22000 + (m % 500) as u16,
-            );
+            let user = format!("live{}", m % 200);
+            let port = 22000 + (m % 500) as u16;
             let routes = routes.clone();
             async move {
-                routes.want(&id, route);
+                routes.want(&id, &user, "", port);
                 while routes.state(&id) != RouteState::Registered {
                     tokio::task::yield_now().await;
                 }

@@ -27,7 +27,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tunnelbot::broker::IssueRequest;
-use tunnelbot::config::{AdminConfig, ChpConfig, SshConfig, TunnelsConfig};
+use tunnelbot::config::{AdminConfig, RouteBackendKind, RoutesConfig, SshConfig, TunnelsConfig};
 use tunnelbot::{Broker, Config, Listeners};
 
 /// Upper bound for any single wait.
@@ -153,9 +153,9 @@ impl Fixture {
                 listen: loopback_any_port,
                 ..AdminConfig::default()
             },
-            chp: ChpConfig {
-                enabled: false,
-                ..ChpConfig::default()
+            routes: RoutesConfig {
+                backend: RouteBackendKind::None,
+                ..RoutesConfig::default()
             },
             ..Config::default()
         };

@@ -113,7 +113,7 @@ if [ -n "$promtool" ]; then
         indent <<<"$out"
         fail "promtool check rules prometheus/tunnelbot-alerts.yml"
     fi
-    # Each alert fires on a synthetic outage and stays quiet when it should (chp.enabled = false).
+    # Each alert fires on a synthetic outage and stays quiet when it should (routes.backend = "none").
     if out="$(cd "$contrib/prometheus" && timeout 60 "$promtool" test rules tunnelbot-alerts.test.yml 2>&1)"; then
         pass "promtool test rules prometheus/tunnelbot-alerts.test.yml ($(grep -c '^  - name:' "$contrib/prometheus/tunnelbot-alerts.test.yml") cases)"
     else

@@ -26,7 +26,9 @@ pub struct Config {
     pub tunnels: TunnelsConfig,
     /// The loopback admin HTTP API.
     pub admin: AdminConfig,
-    /// Routes in configurable-http-proxy.
+    /// Proxy routes for live tunnels: which backend, JupyterHub's base URL, the reconcile period.
+    pub routes: RoutesConfig,
+    /// configurable-http-proxy, the `chp` route backend.
     pub chp: ChpConfig,
     /// Caps that keep one misbehaving client from exhausting the broker.
     pub limits: LimitsConfig,
@@ -42,6 +44,7 @@ impl Default for Config {
             ssh: SshConfig::default(),
             tunnels: TunnelsConfig::default(),
             admin: AdminConfig::default(),
+            routes: RoutesConfig::default(),
             chp: ChpConfig::default(),
             limits: LimitsConfig::default(),
             runtime: RuntimeConfig::default(),
@@ -218,24 +221,57 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[routes]`. Read (with `[chp]`'s deprecated keys) only by `routes::Settings`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesConfig {
+    /// Which proxy holds the routes.
+    pub backend: RouteBackendKind,
+    /// JupyterHub's `base_url`.
+    pub base_url: String,
+    /// How often the proxy's table is compared with the live tunnels.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        Self {
+            backend: RouteBackendKind::Chp,
+            base_url: "/".into(),
+            reconcile_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `routes.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteBackendKind {
+    /// configurable-http-proxy's REST API (`[chp]`).
+    Chp,
+    /// No routes: the spawner alone drives them.
+    None,
+}
+
 /// `[chp]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ChpConfig {
-    /// Register routes in CHP; off for sites where the spawner alone drives routes.
-    pub enabled: bool,
+    /// Deprecated: `routes.backend`. `false` still turns routes off.
+    pub enabled: Option<bool>,
     /// CHP's REST API.
     pub api_url: String,
     /// A file holding CHP's token; when unset, `CONFIGPROXY_AUTH_TOKEN` is read.
     pub token_file: Option<PathBuf>,
-    /// JupyterHub's `base_url`.
-    pub base_url: String,
+    /// Deprecated: `routes.base_url`, still read.
+    pub base_url: Option<String>,
     /// The host written into route targets: the older name of `tunnels.public_host`, kept as
     /// an alias; the two must agree when both are set.
     pub target_host: Option<String>,
-    /// How often CHP's table is compared with the live tunnels.
-    #[serde(with = "humantime_serde")]
-    pub reconcile_interval: Duration,
+    /// Deprecated: `routes.reconcile_interval`, still read.
+    #[serde(with = "humantime_serde::option")]
+    pub reconcile_interval: Option<Duration>,
     /// JupyterHub's API (`http://hub:8081/hub/api`), to ask the hub to restore its own routes
     /// after a CHP restart.
     pub hub_api_url: Option<String>,
@@ -246,12 +282,12 @@ pub struct ChpConfig {
 impl Default for ChpConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            enabled: None,
             api_url: "http://127.0.0.1:8001".into(),
             token_file: None,
-            base_url: "/".into(),
+            base_url: None,
             target_host: None,
-            reconcile_interval: Duration::from_secs(5),
+            reconcile_interval: None,
             hub_api_url: None,
             hub_token_file: None,
         }
@@ -488,35 +524,7 @@ impl Config {
             self.tunnels.ports,
             self.admin.listen.port()
         );
-        if self.chp.enabled {
-            ensure!(
-                self.chp.api_url.starts_with("http://") || self.chp.api_url.starts_with("https://"),
-                "chp.api_url {:?} must start with http:// or https://",
-                self.chp.api_url
-            );
-            ensure!(
-                self.chp.base_url.starts_with('/') && self.chp.base_url.ends_with('/'),
-                "chp.base_url {:?} must start and end with '/' (JupyterHub's base_url)",
-                self.chp.base_url
-            );
-            // It goes into CHP's API URL unescaped: '?', '#', '%' or a space would change the URL.
-            ensure!(
-                self.chp
-                    .base_url
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._~@/".contains(&b)),
-                "chp.base_url {:?} may hold only letters, digits and -._~@/",
-                self.chp.base_url
-            );
-            ensure!(
-                !self.chp.reconcile_interval.is_zero(),
-                "chp.reconcile_interval must be above zero"
-            );
-            if let Some(path) = &self.chp.token_file {
-                crate::keys::check_private_file(path).context("chp.token_file")?;
-            }
-            crate::chp::hub_api(&self.chp, &crate::chp::process_env)?;
-        }
+        crate::routes::Settings::from_config(self)?;
         ensure!(
             self.tunnels.lease <= self.tunnels.max_ttl,
             "tunnels.lease ({}) must be at most tunnels.max_ttl ({})",
@@ -757,14 +765,19 @@ mod tests {
     }
 
     #[test]
-    fn chp_base_url_shape() {
-        let c = Config::parse("[chp]\nbase_url = \"/jh\"\n").unwrap();
-        assert!(c.validate().is_err());
-        let c = Config::parse("[chp]\nenabled = false\nbase_url = \"/jh\"\n").unwrap();
-        c.validate().unwrap();
-        for bad in ["/a?b/", "/a#/", "/a b/", "/a%20/"] {
-            let c = Config::parse(&format!("[chp]\nbase_url = {bad:?}\n")).unwrap();
-            assert!(c.validate().is_err(), "{bad}");
+    fn base_url_shape() {
+        for section in ["routes", "chp"] {
+            let c = Config::parse(&format!("[{section}]\nbase_url = \"/jh\"\n")).unwrap();
+            assert!(c.validate().is_err(), "{section}");
+            for bad in ["/a?b/", "/a#/", "/a b/", "/a%20/", "/a/../", "//"] {
+                let c = Config::parse(&format!("[{section}]\nbase_url = {bad:?}\n")).unwrap();
+                assert!(c.validate().is_err(), "{section}: {bad}");
+            }
+        }
+        // Routes off: nothing about them is checked.
+        for off in ["[routes]\nbackend = \"none\"\n", "[chp]\nenabled = false\n"] {
+            let c = Config::parse(&format!("{off}base_url = \"/jh\"\n")).unwrap();
+            c.validate().unwrap();
         }
     }
 }

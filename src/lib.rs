@@ -16,8 +16,8 @@
 //! - `tunnels`  a listener per active grant, linked to the job's session
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `reload`   SIGHUP: the credential files read again
-//! - `routes`   the wanted proxy routes and the worker that reconciles them (backend seam)
-//! - `chp`      configurable-http-proxy's REST API as a route backend
+//! - `routes`   the typed route, the backend seam, the wanted set and its reconcile worker;
+//!   `routes::chp` is configurable-http-proxy's REST API as a backend
 //! - `names`    which JupyterHub user and server names are accepted (route-safe)
 //! - `broker`   issue / revoke / expire, keeping the above in step
 //! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
@@ -41,7 +41,6 @@ pub mod admin;
 pub mod audit;
 mod bridge;
 pub mod broker;
-pub mod chp;
 pub mod cli;
 pub mod config;
 pub mod credentials;

@@ -46,8 +46,8 @@ listen = "127.0.0.1:0"
 bind_address = "127.0.0.1"
 ports = "46000-46999"
 retention = "0s"
-[chp]
-enabled = false
+[routes]
+backend = "none"
 "#;
 
 fn harness() -> &'static Harness {

@@ -36,8 +36,8 @@ listen = "127.0.0.1:0"
 [tunnels]
 bind_address = "127.0.0.1"
 ports = "47000-47099"
-[chp]
-enabled = false
+[routes]
+backend = "none"
 "#;
 
 struct Setup {

@@ -1,87 +1,43 @@
-//! `Route::for_server` on arbitrary user and server names (and base URL, target host, port).
+//! The typed route path and CHP's escaping on arbitrary user and server names (and base URL).
 //!
-//! Input: `<base_url>\xFF<user>\xFF<server_name>\xFF<target_host>\xFF<port>`; missing fields
-//! are empty, an unparsable port is 20001.
+//! Input: `<base_url>\xFF<user>\xFF<server_name>`; missing fields are empty.
 //!
-//! Never panics, whatever the base URL. With a base URL `validate()` accepts (starts and ends
-//! with '/'), the part after the base URL that `for_server` escapes holds only
-//! `[A-Za-z0-9-._~@%/]`, with '/' only between user and server, and percent-decoding it gives
-//! back the same part of `path`. When the base URL itself is made of those characters (and no
-//! '%'), the whole of `escaped` is, and decodes to `path`.
+//! `BaseUrl::new` and `RoutePath::new` never panic. A path they accept reads back through
+//! `RoutePath::parse` as itself (so the reconciler recognises every route it writes), its
+//! segments hold no '/' and are never empty or all dots, and each segment escaped as CHP's
+//! URLs escape it holds only `[A-Za-z0-9-._~@%]` and percent-decodes back.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tunnelbot::routes::{Route, escape};
+use tunnelbot::routes::chp::escape;
+use tunnelbot::routes::{BaseUrl, RoutePath};
 use tunnelbot_fuzz::{fields, percent_decode};
 
 fn safe(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@' | b'%' | b'/')
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@' | b'%')
 }
 
 fuzz_target!(|data: &[u8]| {
-    let [base_url, user, server_name, target_host, port] = fields::<5>(data);
-    let port: u16 = port.trim().parse().unwrap_or(20001);
-
-    // Anything at all: no panic.
-    let _ = Route::for_server(&base_url, &user, &server_name, &target_host, port).data();
-
-    let base_url = if base_url.starts_with('/') && base_url.ends_with('/') {
-        base_url
-    } else {
-        "/".to_owned()
+    let [base_url, user, server_name] = fields::<3>(data);
+    let base = BaseUrl::new(&base_url)
+        .unwrap_or_else(|_| BaseUrl::new("/").unwrap_or_else(|e| panic!("{e}")));
+    let Ok(path) = RoutePath::new(&base, &user, &server_name) else {
+        return;
     };
-    let r = Route::for_server(&base_url, &user, &server_name, &target_host, port);
-    assert_eq!(r.user, user);
-    assert_eq!(r.server_name, server_name);
-    assert_eq!(r.target, format!("http://{target_host}:{port}"));
-    let data = r.data();
-    assert_eq!(data["user"].as_str(), Some(user.as_str()));
-    assert_eq!(data["server_name"].as_str(), Some(server_name.as_str()));
-    assert_eq!(data["jupyterhub"], serde_json::Value::Bool(true));
-
-    // A single segment never holds a '/' once escaped, and decodes back.
-    for segment in [&user, &server_name] {
-        let e = escape(segment);
+    assert_eq!(path.user(), user);
+    assert_eq!(path.server_name(), server_name);
+    assert_eq!(
+        RoutePath::parse(&base, &path.to_string()).as_ref(),
+        Some(&path),
+        "{path} does not read back"
+    );
+    for segment in path.segments() {
         assert!(
-            e.bytes().all(|b| safe(b) && b != b'/'),
-            "escape({segment:?}) = {e:?}"
+            !segment.is_empty() && !segment.contains('/') && !segment.bytes().all(|b| b == b'.'),
+            "segment {segment:?} of {path}"
         );
+        let e = escape(segment);
+        assert!(e.bytes().all(safe), "escape({segment:?}) = {e:?}");
         assert_eq!(percent_decode(&e).as_deref(), Some(segment.as_bytes()));
-    }
-
-    let prefix = format!("{base_url}user/");
-    let path_rest = r
-        .path
-        .strip_prefix(&prefix)
-        .unwrap_or_else(|| panic!("path {:?} lacks {prefix:?}", r.path));
-    let escaped_rest = r
-        .escaped
-        .strip_prefix(&prefix)
-        .unwrap_or_else(|| panic!("escaped {:?} lacks {prefix:?}", r.escaped));
-    assert!(
-        escaped_rest.bytes().all(safe),
-        "escaped {:?} holds a character outside [A-Za-z0-9-._~@%/] (user {user:?}, server {server_name:?})",
-        r.escaped
-    );
-    let slashes = escaped_rest.bytes().filter(|&b| b == b'/').count();
-    assert_eq!(
-        slashes,
-        usize::from(!server_name.is_empty()),
-        "escaped {:?}",
-        r.escaped
-    );
-    assert_eq!(
-        percent_decode(escaped_rest).as_deref(),
-        Some(path_rest.as_bytes()),
-        "escaped {:?} does not decode to path {:?}",
-        r.escaped,
-        r.path
-    );
-    if base_url.bytes().all(|b| safe(b) && b != b'%') {
-        assert!(r.escaped.bytes().all(safe), "escaped {:?}", r.escaped);
-        assert_eq!(
-            percent_decode(&r.escaped).as_deref(),
-            Some(r.path.as_bytes())
-        );
     }
 });

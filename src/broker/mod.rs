@@ -18,7 +18,7 @@ use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::ports::{PoolError, PortPool};
-use crate::routes::{Route, RouteState, Routes};
+use crate::routes::{RouteState, Routes};
 use crate::secret::Secret;
 use crate::sessions::{Claim, LiveSession, Sessions};
 use crate::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
@@ -176,19 +176,7 @@ impl Broker {
         metrics
             .ports_total
             .set(i64::try_from(config.tunnels.ports.len()).unwrap_or(i64::MAX));
-        let routes = if config.chp.enabled {
-            let backend = Arc::new(crate::chp::ChpClient::from_config(&config.chp)?);
-            Some(Routes::new(
-                backend,
-                config.chp.base_url.clone(),
-                tunnel_host.clone(),
-                config.tunnels.ports,
-                config.chp.reconcile_interval,
-                metrics.clone(),
-            ))
-        } else {
-            None
-        };
+        let routes = crate::routes::from_config(&config, tunnel_host.clone(), metrics.clone())?;
         let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
         let sessions = Sessions::new(config.limits.liveness_probe_timeout);
         let authority = Authority::load(&config.ssh)?;
@@ -585,17 +573,7 @@ impl Broker {
         }
         let port = self.inner.tunnels.attach(grant.id(), link)?;
         if let Some(routes) = &self.inner.routes {
-            let chp = &self.inner.config.chp;
-            routes.want(
-                grant.id(),
-                Route::for_server(
-                    &chp.base_url,
-                    grant.user(),
-                    grant.server_name(),
-                    &self.inner.tunnel_host,
-                    port,
-                ),
-            );
+            routes.want(grant.id(), grant.user(), grant.server_name(), port);
         }
         Ok(port)
     }
@@ -715,7 +693,8 @@ mod tests {
             ))
             .unwrap();
         store.put(&record("b", 0, None)).unwrap();
-        let config = Config::parse("[chp]\nenabled = false\n[tunnels]\nports = \"1-1\"\n").unwrap();
+        let config =
+            Config::parse("[routes]\nbackend = \"none\"\n[tunnels]\nports = \"1-1\"\n").unwrap();
         let keys = Keys::load_or_create(&tmp.path().join("keys")).unwrap();
         let addr: SocketAddr = "127.0.0.1:2222".parse().unwrap();
         let broker = Broker::open(config, keys, Arc::new(store), Metrics::new().unwrap(), addr)

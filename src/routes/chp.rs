@@ -1,5 +1,10 @@
 //! configurable-http-proxy's REST API as a route backend, and the hub's "restore your routes"
-//! call. CHP takes `Authorization: token <T>` (lowercase `token`; `Bearer` gets 403).
+//! call. Everything CHP-shaped lives here: the JSON route data, JupyterHub's keys in it
+//! (`jupyterhub: true`, `user`, `server_name`, and `hub: true` on the hub's own route), the
+//! owner stamp written as `"tunnelbot": true` beside them (the hub's `check_routes` never
+//! compares extra keys, so it survives there), path escaping and `/api/routes` URLs, and
+//! `POST /hub/api/proxy`. CHP takes `Authorization: token <T>` (lowercase `token`; `Bearer`
+//! gets 403).
 //!
 //! Every route URL is built from the route's decoded path one segment at a time, each segment
 //! percent-escaped, and the finished URL's path is compared with the intended one before
@@ -10,11 +15,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 
+use super::{BaseUrl, BoxFuture, Listing, Owner, RouteBackend, RouteEntry, RoutePath, Target};
 use crate::config::ChpConfig;
 use crate::keys::read_secret_file;
-use crate::routes::{BoxFuture, Route, RouteBackend, escape};
 use crate::secret::Secret;
 
 /// Bound on one call to CHP or the hub, so a hung proxy cannot stall the route worker.
@@ -27,11 +32,13 @@ pub struct ChpClient {
     api_url: reqwest::Url,
     token: Option<Secret>,
     hub: Option<(String, Secret)>,
+    base_url: BaseUrl,
 }
 
 impl ChpClient {
-    /// From `[chp]`: the token comes from `token_file`, else `CONFIGPROXY_AUTH_TOKEN`.
-    pub fn from_config(config: &ChpConfig) -> anyhow::Result<Self> {
+    /// From `[chp]`, for routes under `base_url`: the token comes from `token_file`, else
+    /// `CONFIGPROXY_AUTH_TOKEN`.
+    pub fn from_config(config: &ChpConfig, base_url: BaseUrl) -> anyhow::Result<Self> {
         let token = match &config.token_file {
             Some(path) => Some(read_secret_file(path).context("chp.token_file")?),
             None => std::env::var("CONFIGPROXY_AUTH_TOKEN")
@@ -65,6 +72,7 @@ impl ChpClient {
             api_url,
             token,
             hub,
+            base_url,
         })
     }
 
@@ -159,23 +167,112 @@ async fn check(resp: reqwest::Response, what: &str) -> anyhow::Result<reqwest::R
     )
 }
 
+/// Checks `[chp]` without connecting: the API URL's scheme, the token file's permissions, and
+/// that the hub's API URL and token come as a pair.
+pub fn check_config(config: &ChpConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.api_url.starts_with("http://") || config.api_url.starts_with("https://"),
+        "chp.api_url {:?} must start with http:// or https://",
+        config.api_url
+    );
+    if let Some(path) = &config.token_file {
+        crate::keys::check_private_file(path).context("chp.token_file")?;
+    }
+    hub_api(config, &process_env)?;
+    Ok(())
+}
+
+/// Percent-escapes a path segment as Python's `quote(v, safe='@~')` does (JupyterHub's escaping).
+pub fn escape(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'@') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The route data for `entry`: the keys JupyterHub writes, so the hub takes it for its own,
+/// and the owner stamp.
+pub fn data(entry: &RouteEntry) -> Value {
+    let mut data = json!({
+        "target": entry.target.to_string(),
+        "jupyterhub": true,
+        "user": entry.user,
+        "server_name": entry.server_name,
+    });
+    if let Some(o) = data.as_object_mut() {
+        o.insert(entry.owner.name().to_owned(), Value::Bool(true));
+    }
+    data
+}
+
+impl ChpClient {
+    /// Reads CHP's route at decoded `path` as ours: our stamp, JupyterHub's marker, a server
+    /// route path, an `http://host:port` target and string `user` and `server_name`.
+    fn parse(&self, path: &str, data: &Value) -> Option<RouteEntry> {
+        let owner = Owner::TUNNELBOT;
+        if data.get(owner.name()) != Some(&Value::Bool(true))
+            || data.get("jupyterhub") != Some(&Value::Bool(true))
+        {
+            return None;
+        }
+        Some(RouteEntry {
+            path: RoutePath::parse(&self.base_url, path)?,
+            target: Target::parse(data.get("target")?.as_str()?)?,
+            user: data.get("user")?.as_str()?.to_owned(),
+            server_name: data.get("server_name")?.as_str()?.to_owned(),
+            owner,
+        })
+    }
+}
+
 impl RouteBackend for ChpClient {
-    fn list(&self) -> BoxFuture<'_, anyhow::Result<HashMap<String, Value>>> {
+    fn list(&self) -> BoxFuture<'_, anyhow::Result<Listing>> {
         Box::pin(async move {
             let resp = self
                 .request(reqwest::Method::GET, "")?
                 .send()
                 .await
                 .context("GET /api/routes")?;
-            Ok(check(resp, "GET /api/routes").await?.json().await?)
+            let table: HashMap<String, Value> =
+                check(resp, "GET /api/routes").await?.json().await?;
+            Ok(Listing {
+                hub_present: table
+                    .values()
+                    .any(|d| d.get("hub") == Some(&Value::Bool(true))),
+                ours: table
+                    .iter()
+                    .filter_map(|(path, data)| self.parse(path, data))
+                    .collect(),
+            })
         })
     }
 
-    fn put<'a>(&'a self, route: &'a Route) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn get<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<Option<RouteEntry>>> {
+        Box::pin(async move {
+            let path = path.to_string();
+            let resp = self
+                .request(reqwest::Method::GET, &path)?
+                .send()
+                .await
+                .context("GET route")?;
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok(None);
+            }
+            let data: Value = check(resp, "GET route").await?.json().await?;
+            Ok(self.parse(&path, &data))
+        })
+    }
+
+    fn put<'a>(&'a self, entry: &'a RouteEntry) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let resp = self
-                .request(reqwest::Method::POST, &route.path)?
-                .json(&route.data())
+                .request(reqwest::Method::POST, &entry.path.to_string())?
+                .json(&data(entry))
                 .send()
                 .await
                 .context("POST route")?;
@@ -184,24 +281,10 @@ impl RouteBackend for ChpClient {
         })
     }
 
-    fn get<'a>(&'a self, path: &'a str) -> BoxFuture<'a, anyhow::Result<Option<Value>>> {
+    fn delete<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let resp = self
-                .request(reqwest::Method::GET, path)?
-                .send()
-                .await
-                .context("GET route")?;
-            if resp.status() == reqwest::StatusCode::NOT_FOUND {
-                return Ok(None);
-            }
-            Ok(Some(check(resp, "GET route").await?.json().await?))
-        })
-    }
-
-    fn delete<'a>(&'a self, path: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
-        Box::pin(async move {
-            let resp = self
-                .request(reqwest::Method::DELETE, path)?
+                .request(reqwest::Method::DELETE, &path.to_string())?
                 .send()
                 .await
                 .context("DELETE route")?;
@@ -214,7 +297,10 @@ impl RouteBackend for ChpClient {
         })
     }
 
-    fn restore_hub(&self) -> BoxFuture<'_, anyhow::Result<bool>> {
+    /// CHP keeps routes in memory only, and an external CHP's restart goes unnoticed by the
+    /// hub until its next `check_routes` (up to 300 s): `POST /hub/api/proxy` makes the hub
+    /// restore `/` and its routes at once.
+    fn proxy_restarted(&self) -> BoxFuture<'_, anyhow::Result<bool>> {
         Box::pin(async move {
             let Some((url, token)) = &self.hub else {
                 return Ok(false);
@@ -236,91 +322,4 @@ impl RouteBackend for ChpClient {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn client(api_url: &str) -> ChpClient {
-        let config = ChpConfig {
-            api_url: api_url.into(),
-            ..ChpConfig::default()
-        };
-        ChpClient::from_config(&config).unwrap()
-    }
-
-    #[test]
-    fn hub_api_from_config_or_the_managed_service_environment() {
-        let tmp = tempfile::tempdir().unwrap();
-        let file = tmp.path().join("hub.token");
-        crate::keys::write_private_file(&file, b"from-file\n").unwrap();
-        let env = |vars: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                vars.iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
-        let service = env(&[
-            ("JUPYTERHUB_API_URL", "http://127.0.0.1:8081/hub/api/"),
-            ("JUPYTERHUB_API_TOKEN", "from-env"),
-        ]);
-        let none = env(&[]);
-        let base = ChpConfig::default();
-        assert!(hub_api(&base, &none).unwrap().is_none());
-        let (url, token) = hub_api(&base, &service).unwrap().unwrap();
-        assert_eq!(
-            (url.as_str(), token.expose()),
-            ("http://127.0.0.1:8081/hub/api", "from-env")
-        );
-        // Keys win over the environment, each on its own.
-        let keys = ChpConfig {
-            hub_api_url: Some("http://hub:8081/hub/api".into()),
-            hub_token_file: Some(file),
-            ..ChpConfig::default()
-        };
-        let (url, token) = hub_api(&keys, &service).unwrap().unwrap();
-        assert_eq!(
-            (url.as_str(), token.expose()),
-            ("http://hub:8081/hub/api", "from-file")
-        );
-        let url_only = ChpConfig {
-            hub_api_url: Some("http://hub:8081/hub/api".into()),
-            ..ChpConfig::default()
-        };
-        let (_, token) = hub_api(&url_only, &service).unwrap().unwrap();
-        assert_eq!(token.expose(), "from-env");
-        let err = hub_api(&url_only, &none).unwrap_err();
-        assert!(format!("{err:#}").contains("go together"), "{err:#}");
-        let half = env(&[("JUPYTERHUB_API_TOKEN", "t")]);
-        assert!(hub_api(&base, &half).is_err());
-    }
-
-    #[test]
-    fn route_urls_are_built_segment_by_segment() {
-        let c = client("http://127.0.0.1:8001");
-        let url = |p: &str| c.route_url(p).map(|u| u.to_string());
-        assert_eq!(url("").unwrap(), "http://127.0.0.1:8001/api/routes");
-        assert_eq!(
-            url("/user/a b@x.org/gpu").unwrap(),
-            "http://127.0.0.1:8001/api/routes/user/a%20b@x.org/gpu"
-        );
-        assert_eq!(
-            url("/user/a?b#c%2e").unwrap(),
-            "http://127.0.0.1:8001/api/routes/user/a%3Fb%23c%252e"
-        );
-        for hostile in [
-            "/user/..",
-            "/user/.",
-            "/user/alice/..",
-            "/user//x",
-            "/user/...",
-            "/",
-        ] {
-            assert!(url(hostile).is_err(), "{hostile:?} was built");
-        }
-        let c = client("http://127.0.0.1:8001/prefix/");
-        assert_eq!(
-            c.route_url("/user/x").unwrap().path(),
-            "/prefix/api/routes/user/x"
-        );
-    }
-}
+mod tests;

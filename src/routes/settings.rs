@@ -1,0 +1,161 @@
+//! The route config: `[routes]`, with `[chp]`'s deprecated keys folded in, read here and
+//! nowhere else; and the route layer it builds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use tracing::warn;
+
+use super::{BaseUrl, RouteBackend, Routes, chp};
+use crate::config::{Config, RouteBackendKind, RoutesConfig};
+use crate::metrics::Metrics;
+
+/// `[routes]` with the deprecated `[chp]` keys folded in: the one reading of both sections.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Which proxy.
+    pub backend: RouteBackendKind,
+    /// JupyterHub's base URL.
+    pub base_url: BaseUrl,
+    /// Reconcile period.
+    pub interval: Duration,
+}
+
+impl Settings {
+    /// Resolves and checks the route config; None when routes are off. The old `[chp]`
+    /// `enabled`, `base_url` and `reconcile_interval` still work; a value that contradicts
+    /// the `[routes]` one is refused rather than guessed at.
+    pub fn from_config(config: &Config) -> anyhow::Result<Option<Self>> {
+        let (routes, old) = (&config.routes, &config.chp);
+        let backend = match (old.enabled, routes.backend) {
+            (Some(true), RouteBackendKind::None) => {
+                bail!("chp.enabled = true and routes.backend = \"none\" disagree; drop chp.enabled")
+            }
+            (Some(false), _) => RouteBackendKind::None,
+            (_, kind) => kind,
+        };
+        if backend == RouteBackendKind::None {
+            return Ok(None);
+        }
+        let default = RoutesConfig::default();
+        let base_url = match &old.base_url {
+            Some(b) if routes.base_url != default.base_url && routes.base_url != *b => bail!(
+                "chp.base_url {b:?} and routes.base_url {:?} differ; set only routes.base_url",
+                routes.base_url
+            ),
+            Some(b) => b,
+            None => &routes.base_url,
+        };
+        let interval = match old.reconcile_interval {
+            Some(i)
+                if routes.reconcile_interval != default.reconcile_interval
+                    && routes.reconcile_interval != i =>
+            {
+                bail!(
+                    "chp.reconcile_interval and routes.reconcile_interval differ; set only routes.reconcile_interval"
+                )
+            }
+            Some(i) => i,
+            None => routes.reconcile_interval,
+        };
+        ensure!(
+            !interval.is_zero(),
+            "routes.reconcile_interval must be above zero"
+        );
+        let base_url = BaseUrl::new(base_url)?;
+        match backend {
+            RouteBackendKind::Chp => chp::check_config(&config.chp)?,
+            RouteBackendKind::None => {}
+        }
+        Ok(Some(Self {
+            backend,
+            base_url,
+            interval,
+        }))
+    }
+}
+
+/// The route layer `config` asks for, routing to `tunnel_host`; None when routes are off.
+pub fn from_config(
+    config: &Config,
+    tunnel_host: String,
+    metrics: Metrics,
+) -> anyhow::Result<Option<Routes>> {
+    let Some(settings) = Settings::from_config(config)? else {
+        return Ok(None);
+    };
+    for (set, key) in [
+        (
+            config.chp.enabled.is_some(),
+            "chp.enabled (now routes.backend)",
+        ),
+        (
+            config.chp.base_url.is_some(),
+            "chp.base_url (now routes.base_url)",
+        ),
+        (
+            config.chp.reconcile_interval.is_some(),
+            "chp.reconcile_interval (now routes.reconcile_interval)",
+        ),
+    ] {
+        if set {
+            warn!(key, "deprecated config key; it still works");
+        }
+    }
+    let backend: Arc<dyn RouteBackend> = match settings.backend {
+        RouteBackendKind::Chp => Arc::new(chp::ChpClient::from_config(
+            &config.chp,
+            settings.base_url.clone(),
+        )?),
+        RouteBackendKind::None => return Ok(None),
+    };
+    Ok(Some(Routes::new(
+        backend,
+        settings.base_url,
+        tunnel_host,
+        config.tunnels.ports,
+        settings.interval,
+        metrics,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(text: &str) -> anyhow::Result<Option<Settings>> {
+        Settings::from_config(&Config::parse(text)?)
+    }
+
+    #[test]
+    fn routes_keys_and_their_deprecated_chp_spellings() {
+        let s = settings("").unwrap().unwrap();
+        assert_eq!(s.backend, RouteBackendKind::Chp);
+        assert_eq!(s.base_url.as_str(), "/");
+        assert_eq!(s.interval, Duration::from_secs(5));
+        for off in [
+            "[routes]\nbackend = \"none\"\n",
+            "[chp]\nenabled = false\n",
+            "[routes]\nbackend = \"chp\"\n[chp]\nenabled = false\n",
+        ] {
+            assert!(settings(off).unwrap().is_none(), "{off}");
+        }
+        let new = "[routes]\nbase_url = \"/jh/\"\nreconcile_interval = \"200ms\"\n";
+        let old = "[chp]\nenabled = true\nbase_url = \"/jh/\"\nreconcile_interval = \"200ms\"\n";
+        for text in [new, old, &format!("{new}{old}")] {
+            let s = settings(text).unwrap().unwrap();
+            assert_eq!(s.base_url.as_str(), "/jh/", "{text}");
+            assert_eq!(s.interval, Duration::from_millis(200), "{text}");
+        }
+        for clash in [
+            "[routes]\nbackend = \"none\"\n[chp]\nenabled = true\n",
+            "[routes]\nbase_url = \"/a/\"\n[chp]\nbase_url = \"/b/\"\n",
+            "[routes]\nreconcile_interval = \"1s\"\n[chp]\nreconcile_interval = \"2s\"\n",
+            "[routes]\nreconcile_interval = \"0s\"\n",
+            "[routes]\nbackend = \"traefik\"\n",
+        ] {
+            assert!(settings(clash).is_err(), "{clash}");
+        }
+    }
+}
