@@ -31,7 +31,6 @@ pub enum Presented<'a> {
 }
 
 /// One audited event.
-#[derive(Debug)]
 pub enum Event<'a> {
     /// A tunnel was issued.
     Issued {
@@ -192,6 +191,24 @@ pub enum Event<'a> {
         /// The limit it passed.
         limit: u32,
     },
+    /// A tunnel's route was written and seen in the proxy.
+    RouteRegistered {
+        /// The tunnel id.
+        tunnel: &'a str,
+        /// The route's path and target, as the proxy shows them.
+        path: &'a dyn std::fmt::Display,
+        /// Where it sends requests.
+        target: &'a dyn std::fmt::Display,
+        /// From forward granted to registered.
+        after: std::time::Duration,
+    },
+    /// A route of ours was deleted from the proxy.
+    RouteRemoved {
+        /// Its path.
+        path: &'a dyn std::fmt::Display,
+        /// Whether the broker was shutting down.
+        shutdown: bool,
+    },
     /// SIGHUP reread the credential files.
     CredentialsReloaded {
         /// Certificate sessions cut by it.
@@ -348,6 +365,19 @@ impl Event<'_> {
                     .ssh_connection_errors
                     .with_label_values(&["rate_limited"])
                     .inc();
+            }
+            Self::RouteRegistered {
+                tunnel,
+                path,
+                target,
+                after,
+            } => {
+                info!(target: "audit", event = "route_registered", tunnel, path = %path, target = %target, "route registered");
+                metrics.route_register_duration.observe(after.as_secs_f64());
+            }
+            Self::RouteRemoved { path, shutdown } => {
+                let why = if *shutdown { " (shutdown)" } else { "" };
+                info!(target: "audit", event = "route_removed", path = %path, "route removed{why}");
             }
             Self::CredentialsReloaded { sessions_cut } => {
                 info!(target: "audit", event = "credentials_reloaded", sessions_cut, "SIGHUP: CA keys and revocation list read again");

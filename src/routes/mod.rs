@@ -268,11 +268,13 @@ impl Routes {
             RouteState::Error
         };
         if ok && let Some(t) = w.granted.take() {
-            self.inner
-                .metrics
-                .route_register_duration
-                .observe(t.elapsed().as_secs_f64());
-            tracing::info!(target: "audit", event = "route_registered", tunnel = %id, path = %entry.path, target = %entry.target, "route registered");
+            crate::audit::Event::RouteRegistered {
+                tunnel: id,
+                path: &entry.path,
+                target: &entry.target,
+                after: t.elapsed(),
+            }
+            .record(&self.inner.metrics);
         }
     }
 

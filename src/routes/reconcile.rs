@@ -10,6 +10,7 @@
 //! listeners close: the proxy never keeps a route to a port that is about to be free, which
 //! another local user could then bind.
 
+use crate::audit::Event;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,7 +91,11 @@ impl Routes {
                     Ok(Ok(path)) => {
                         deleted += 1;
                         self.count("delete", true);
-                        info!(target: "audit", event = "route_removed", path = %path, "route removed (shutdown)");
+                        Event::RouteRemoved {
+                            path: &path,
+                            shutdown: true,
+                        }
+                        .record(&self.inner.metrics);
                     }
                     Ok(Err(e)) => {
                         self.count("delete", false);
@@ -155,9 +160,11 @@ impl Routes {
         let result = self.inner.backend.delete(path).await;
         self.count("delete", result.is_ok());
         match result {
-            Ok(()) => {
-                info!(target: "audit", event = "route_removed", path = %path, "route removed")
+            Ok(()) => Event::RouteRemoved {
+                path: &path,
+                shutdown: false,
             }
+            .record(&self.inner.metrics),
             Err(e) => {
                 warn!(path = %path, error = %format!("{e:#}"), "route delete failed; retrying at the next reconcile")
             }
