@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use crate::credentials::CertLogin;
 use crate::grants::{ForwardRefusal, Grant};
 use crate::metrics::Metrics;
-use crate::store::{EndReason, TunnelRecord};
+use crate::record::{EndReason, TunnelRecord};
 
 /// What a refused login presented.
 #[derive(Debug, Clone, Copy)]

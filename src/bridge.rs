@@ -12,8 +12,8 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tracing::debug;
 
+use crate::link::{Link, Stats};
 use crate::metrics::Metrics;
-use crate::tunnels::{Link, Stats};
 
 /// Copy buffer per direction per connection.
 const COPY_BUF: usize = 32 * 1024;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use crate::store::{Ended, TunnelRecord};
+use crate::record::{Ended, TunnelRecord};
 
 /// One issued credential and the port it reserves.
 #[derive(Debug)]
@@ -415,7 +415,7 @@ pub struct DuplicateKey;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EndReason;
+    use crate::record::EndReason;
 
     fn grant(id: &str, fp: &str, expires_at: u64) -> Arc<Grant> {
         Arc::new(Grant::new(TunnelRecord {

@@ -16,7 +16,7 @@ use tracing::warn;
 use crate::audit::{Event, Presented};
 use crate::broker::{Broker, LoginRefusal};
 use crate::credentials::CertLogin;
-use crate::grants::{ForwardRefusal, Grant, check_forward};
+use crate::grants::{ForwardRefusal, Grant};
 use crate::sessions::{LiveSession, SessionCtl};
 use crate::tunnels::{Link, Stats};
 
@@ -314,24 +314,19 @@ impl russh::server::Handler for Handler {
             Ok(g) => g,
             Err(refusal) => return self.forward_refused(refusal),
         };
-        // The request's own faults first, so the refusal names the real reason.
-        let bind = self.broker.config().tunnels.bind_address;
-        if let Err(refusal) = check_forward(&grant, bind, address, *port) {
-            return self.forward_refused(refusal);
-        }
-        if self.link.is_some() {
-            return self.forward_refused(ForwardRefusal::AlreadyForwarding);
-        }
         let link = Arc::new(Link {
             session: live,
             bind_address: address.to_owned(),
             since: SystemTime::now(),
             bytes: Stats::default(),
         });
-        match self
-            .broker
-            .forward(&grant, address, *port, Arc::clone(&link))
-        {
+        match self.broker.forward(
+            &grant,
+            address,
+            *port,
+            Arc::clone(&link),
+            self.link.is_some(),
+        ) {
             Ok(bound) => {
                 self.link = Some(link);
                 self.ctl.forwarding.send_replace(true);

@@ -4,9 +4,11 @@
 //! - `config`   TOML structs, defaults, `validate()`
 //! - `secret`   a string that never prints
 //! - `keys`     keys folder: host key and admin token, permissions
+//! - `record`   the domain record of one issued tunnel (no dependencies of its own)
 //! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `fdstore`  systemd: READY=1, and the descriptor store that keeps reserved ports across restarts
+//! - `reservation` a port reserved for a tunnel being issued; dropping it frees the port
 //! - `limits`   per-source failed-login reporting
 //! - `preauth`  connections not logged in yet: bounded in total and per source
 //! - `sessions` one live login per credential, the liveness probe, telling a session to go
@@ -14,6 +16,7 @@
 //! - `grants`   issued-key credentials: login and forward decisions (plain Rust)
 //! - `lease`    renewal and lease rules (plain Rust); `broker::renew` applies them
 //! - `tunnels`  a listener per active grant, linked to the job's session
+//! - `link`     a session's hold on a tunnel: the forward and its byte counts
 //! - `bridge`   one hub connection carried over one forwarded-tcpip channel
 //! - `reload`   SIGHUP: the credential files read again
 //! - `routes`   the typed route, the backend seam, the wanted set and its reconcile worker;
@@ -51,11 +54,14 @@ mod handler;
 pub mod keys;
 pub mod lease;
 pub mod limits;
+pub mod link;
 pub mod metrics;
 pub mod names;
 pub mod ports;
 pub mod preauth;
+pub mod record;
 pub mod reload;
+pub mod reservation;
 pub mod routes;
 pub mod secret;
 pub mod sessions;

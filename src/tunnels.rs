@@ -13,7 +13,7 @@
 //! out of the service manager's store: the next process adopts them (fdstore.rs).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,32 +28,9 @@ use crate::accept::AcceptErrors;
 use crate::audit::Event;
 use crate::bridge::Bridge;
 use crate::grants::{ForwardRefusal, Grant};
+pub use crate::link::{Link, Stats};
 use crate::metrics::Metrics;
 use crate::ports::{PoolError, PortPool};
-use crate::sessions::LiveSession;
-
-/// A live SSH session holding a tunnel's forward.
-pub struct Link {
-    /// The session.
-    pub session: Arc<LiveSession>,
-    /// The exact address string the client sent; forwarded channels must echo it.
-    pub bind_address: String,
-    /// When the forward was granted.
-    pub since: SystemTime,
-    /// Bytes this session carried: hub clients to the job, and back.
-    pub bytes: Stats,
-}
-
-/// Byte and connection counts of one tunnel (since the broker started) or of one session.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Hub clients to the job.
-    pub bytes_to_job: AtomicU64,
-    /// The job to hub clients.
-    pub bytes_from_job: AtomicU64,
-    /// Connections currently carried.
-    pub connections_active: AtomicU64,
-}
 
 /// What the admin API shows of a tunnel's live side.
 #[derive(Debug, Clone)]

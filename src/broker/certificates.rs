@@ -11,8 +11,8 @@ use super::{Broker, LoginRefusal};
 use crate::audit::Event;
 use crate::credentials::{CertLogin, CertRefusal};
 use crate::grants::{ForwardRefusal, Grant};
+use crate::record::unix_now;
 use crate::sessions::LiveSession;
-use crate::store::unix_now;
 
 impl Broker {
     /// Decides a certificate login under SSH user `user` from `peer`.

@@ -18,10 +18,12 @@ use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::ports::{PoolError, PortPool};
+use crate::record::{EndReason, Ended, TunnelRecord, unix_now};
+use crate::reservation::Reservation;
 use crate::routes::{RouteState, Routes};
 use crate::secret::Secret;
 use crate::sessions::{Claim, LiveSession, Sessions};
-use crate::store::{EndReason, Ended, Store, TunnelRecord, unix_now};
+use crate::store::Store;
 use crate::tunnels::{Link, LiveStatus, Tunnels};
 
 mod certificates;
@@ -332,7 +334,9 @@ impl Broker {
         let expires_at = now
             .checked_add(ttl.as_secs())
             .ok_or_else(|| IssueError::BadRequest("ttl_seconds is too large".into()))?;
-        let (port, listener) = self.inner.ports.reserve().map_err(IssueError::NoPort)?;
+        // Every early return below drops the reservation, which frees the port.
+        let reservation = Reservation::take(&self.inner.ports).map_err(IssueError::NoPort)?;
+        let port = reservation.port();
         let record = TunnelRecord {
             id,
             user: req.user,
@@ -350,19 +354,18 @@ impl Broker {
         };
         let grant = Arc::new(Grant::new(record.clone()));
         if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
-            drop(listener);
-            self.inner.ports.release(port);
             return Err(IssueError::BadRequest(
                 "this public key is already used by another tunnel".into(),
             ));
         }
         if let Err(e) = self.persist(record).await {
             self.inner.grants.remove(grant.id());
-            drop(listener);
-            self.inner.ports.release(port);
             error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
             return Err(IssueError::Store(e));
         }
+        let listener = reservation
+            .into_listener()
+            .ok_or_else(|| IssueError::Store(anyhow::anyhow!("port reservation lost")))?;
         self.inner.tunnels.start(Arc::clone(&grant), Ok(listener));
         self.update_port_gauge();
         self.audit(Event::Issued {
@@ -559,16 +562,22 @@ impl Broker {
         self.inner.sessions.len()
     }
 
-    /// Decides a `tcpip-forward` request and, if granted, links the session to the tunnel.
+    /// Decides a `tcpip-forward` request and, if granted, links the session to the tunnel. The
+    /// request's own faults are named first, then a session that already forwards
+    /// (`already_forwarding`), then a grant that has ended.
     pub fn forward(
         &self,
         grant: &Grant,
         address: &str,
         port: u32,
         link: Arc<Link>,
+        already_forwarding: bool,
     ) -> Result<u16, ForwardRefusal> {
         check_forward(grant, self.inner.config.tunnels.bind_address, address, port)?;
-        if grant.ended().is_some() || unix_now() >= grant.deadline() {
+        if already_forwarding {
+            return Err(ForwardRefusal::AlreadyForwarding);
+        }
+        if !grant.active_at(unix_now()) {
             return Err(ForwardRefusal::Ended);
         }
         let port = self.inner.tunnels.attach(grant.id(), link)?;

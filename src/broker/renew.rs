@@ -11,7 +11,7 @@ use tracing::error;
 use super::Broker;
 use crate::grants::Grant;
 use crate::lease::plan_renewal;
-use crate::store::unix_now;
+use crate::record::unix_now;
 
 /// Why a renewal failed; each maps to an HTTP status.
 #[derive(Debug, thiserror::Error)]
