@@ -6,20 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use russh::keys::{Algorithm, HashAlg, PrivateKey, PublicKey};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use russh::keys::{HashAlg, PrivateKey, PublicKey};
 
 use crate::audit::Event;
 use crate::config::Config;
-use crate::credentials::{AuthKind, Authority, CertLogin};
+use crate::credentials::{Authority, CertLogin};
 use crate::fdstore::FdStore;
 use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
-use crate::ports::{PoolError, PortPool};
-use crate::record::{EndReason, Ended, TunnelRecord, unix_now};
-use crate::reservation::Reservation;
+use crate::ports::PortPool;
+use crate::record::{EndReason, TunnelRecord, unix_now};
 use crate::routes::{RouteState, Routes};
 use crate::secret::Secret;
 use crate::sessions::{Claim, LiveSession, Sessions};
@@ -27,7 +24,10 @@ use crate::store::Store;
 use crate::tunnels::{Link, LiveStatus, Tunnels};
 
 mod certificates;
+mod issue;
+mod lifecycle;
 mod renew;
+pub use issue::{IssueError, IssueRequest, Issued};
 pub use renew::RenewError;
 
 /// Why a login whose key was valid was still turned away; the session is told the message.
@@ -72,46 +72,6 @@ impl LoginRefusal {
             Self::Expired => "credential expired",
         }
     }
-}
-
-/// What the spawner asks for.
-#[derive(Debug, Clone, Default)]
-pub struct IssueRequest {
-    /// JupyterHub user name.
-    pub user: String,
-    /// JupyterHub server name, "" for the default server.
-    pub server_name: String,
-    /// Requested lifetime; the configured default when None.
-    pub ttl: Option<Duration>,
-    /// The job's own public key (OpenSSH one-line form); the broker makes one when None.
-    pub public_key: Option<String>,
-    /// Which credential may publish it: an issued key, or the user's CA certificates.
-    pub auth: AuthKind,
-    /// Lease in seconds; `tunnels.lease` when None (see `lease::issue_lease`).
-    pub lease_seconds: Option<u64>,
-}
-
-/// A freshly issued tunnel.
-#[derive(Debug)]
-pub struct Issued {
-    /// The grant.
-    pub grant: Arc<Grant>,
-    /// The private key the broker made, returned once and never stored.
-    pub private_key: Option<Secret>,
-}
-
-/// Why an issue request failed; each maps to an HTTP status.
-#[derive(Debug, thiserror::Error)]
-pub enum IssueError {
-    /// The request itself is wrong (400).
-    #[error("{0}")]
-    BadRequest(String),
-    /// No hub port is free (503).
-    #[error("{0}")]
-    NoPort(PoolError),
-    /// The state store could not record it (503): nothing was issued.
-    #[error("state store unavailable: {0:#}")]
-    Store(anyhow::Error),
 }
 
 /// Shared handle to the broker.
@@ -205,57 +165,6 @@ impl Broker {
         Ok(broker)
     }
 
-    async fn restore(&self) -> anyhow::Result<()> {
-        let store = Arc::clone(&self.inner.store);
-        let records = tokio::task::spawn_blocking(move || store.load())
-            .await
-            .context("loading state")??;
-        let now = unix_now();
-        let (mut active, mut kept) = (0, 0);
-        for mut record in records {
-            if record.ended.is_none() && now >= record.deadline() {
-                record.ended = Some(Ended {
-                    at: record.deadline(),
-                    reason: EndReason::Expired,
-                });
-                self.audit(Event::ExpiredWhileDown { record: &record });
-                self.persist(record.clone()).await?;
-            }
-            if let Some(ended) = record.ended {
-                if ended
-                    .at
-                    .saturating_add(self.inner.config.tunnels.retention.as_secs())
-                    <= now
-                {
-                    self.unpersist(record.id.clone()).await?;
-                } else {
-                    kept += 1;
-                    let grant = Arc::new(Grant::new(record));
-                    if self.inner.grants.insert(grant).is_err() {
-                        warn!("duplicate key in stored ended tunnel; skipped");
-                    }
-                }
-                continue;
-            }
-            // On failure the tunnel logs why (audit) and retries the bind in the background.
-            let listener = self.inner.ports.reserve_exact(record.port);
-            if listener.is_err() {
-                self.inner.ports.mark_reserved(record.port);
-            }
-            let grant = Arc::new(Grant::new(record));
-            if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
-                warn!(tunnel = %grant.id(), "duplicate key in stored tunnel; skipped");
-                self.inner.ports.release(grant.port());
-                continue;
-            }
-            self.inner.tunnels.start(grant, listener);
-            active += 1;
-        }
-        self.update_port_gauge();
-        info!(active, ended = kept, "state restored");
-        Ok(())
-    }
-
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.inner.config
@@ -297,197 +206,6 @@ impl Broker {
             self.inner.config.ssh.public_host.as_deref(),
             self.inner.ssh_port,
         )
-    }
-
-    /// Issues a tunnel: validates, reserves a port, persists, then starts serving the port.
-    pub async fn issue(&self, req: IssueRequest) -> Result<Issued, IssueError> {
-        crate::names::check_user(&req.user).map_err(|e| IssueError::BadRequest(e.to_string()))?;
-        crate::names::check_server(&req.server_name)
-            .map_err(|e| IssueError::BadRequest(e.to_string()))?;
-        let cfg = &self.inner.config.tunnels;
-        let ttl = req.ttl.unwrap_or(cfg.default_ttl);
-        crate::lease::check_ttl(ttl, cfg).map_err(IssueError::BadRequest)?;
-        let lease_seconds =
-            crate::lease::issue_lease(req.lease_seconds, cfg).map_err(IssueError::BadRequest)?;
-        let id = new_id();
-        let (public_text, fingerprint, private_key) = match req.auth {
-            AuthKind::Key => self.key_material(req.public_key.as_deref())?,
-            AuthKind::Certificate => {
-                if req.public_key.is_some() {
-                    return Err(IssueError::BadRequest(
-                        "a certificate tunnel takes no public_key: the certificate is the key"
-                            .into(),
-                    ));
-                }
-                if !self.inner.authority.enabled() {
-                    return Err(IssueError::BadRequest(
-                        "certificate tunnels need ssh.trusted_user_ca_keys in the broker's config"
-                            .into(),
-                    ));
-                }
-                // Never a SHA256 fingerprint, so no key can ever match it.
-                (String::new(), format!("certificate:{id}"), None)
-            }
-        };
-
-        let now = unix_now();
-        let expires_at = now
-            .checked_add(ttl.as_secs())
-            .ok_or_else(|| IssueError::BadRequest("ttl_seconds is too large".into()))?;
-        // Every early return below drops the reservation, which frees the port.
-        let reservation = Reservation::take(&self.inner.ports).map_err(IssueError::NoPort)?;
-        let port = reservation.port();
-        let record = TunnelRecord {
-            id,
-            user: req.user,
-            server_name: req.server_name,
-            port,
-            public_key: public_text,
-            fingerprint,
-            created_at: now,
-            expires_at,
-            ended: None,
-            auth: req.auth,
-            ttl_seconds: Some(ttl.as_secs()),
-            lease_seconds,
-            renewed_at: None,
-        };
-        let grant = Arc::new(Grant::new(record.clone()));
-        if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
-            return Err(IssueError::BadRequest(
-                "this public key is already used by another tunnel".into(),
-            ));
-        }
-        if let Err(e) = self.persist(record).await {
-            self.inner.grants.remove(grant.id());
-            error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
-            return Err(IssueError::Store(e));
-        }
-        let listener = reservation
-            .into_listener()
-            .ok_or_else(|| IssueError::Store(anyhow::anyhow!("port reservation lost")))?;
-        self.inner.tunnels.start(Arc::clone(&grant), Ok(listener));
-        self.update_port_gauge();
-        self.audit(Event::Issued {
-            grant: &grant,
-            generated_key: private_key.is_some(),
-        });
-        Ok(Issued { grant, private_key })
-    }
-
-    /// The job key of a key tunnel: the one given, or a fresh one (returned once, never kept).
-    fn key_material(
-        &self,
-        given: Option<&str>,
-    ) -> Result<(String, String, Option<Secret>), IssueError> {
-        let (public, private_key) = match given {
-            Some(text) => {
-                let key = PublicKey::from_openssh(text.trim()).map_err(|e| {
-                    IssueError::BadRequest(format!("public_key is not an OpenSSH public key: {e}"))
-                })?;
-                (key, None)
-            }
-            None => {
-                let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)
-                    .map_err(|e| IssueError::Store(anyhow::anyhow!("generating a key: {e}")))?;
-                let pem = key
-                    .to_openssh(russh::keys::ssh_key::LineEnding::LF)
-                    .map_err(|e| IssueError::Store(anyhow::anyhow!("encoding a key: {e}")))?;
-                (key.public_key().clone(), Some(Secret::new(pem.as_str())))
-            }
-        };
-        if public.key_data() == self.inner.keys.host_key.public_key().key_data() {
-            return Err(IssueError::BadRequest(
-                "public_key is the broker's own host key".into(),
-            ));
-        }
-        let mut public_clean = public.clone();
-        public_clean.set_comment("");
-        let public_text = public_clean
-            .to_openssh()
-            .map_err(|e| IssueError::BadRequest(format!("public_key cannot be encoded: {e}")))?;
-        let fingerprint = public.fingerprint(HashAlg::Sha256).to_string();
-        Ok((public_text, fingerprint, private_key))
-    }
-
-    /// Revokes tunnel `id`: refuses its key from now on, disconnects its session, frees its
-    /// port. Revoking an ended tunnel is a no-op. The revocation holds in memory even when the
-    /// store cannot record it; the error then says so.
-    pub async fn revoke(&self, id: &str) -> Result<bool, anyhow::Error> {
-        let Some(grant) = self.inner.grants.get(id) else {
-            return Ok(false);
-        };
-        self.end(&grant, EndReason::Revoked).await?;
-        Ok(true)
-    }
-
-    async fn end(&self, grant: &Arc<Grant>, reason: EndReason) -> anyhow::Result<()> {
-        if !grant.end(Ended {
-            at: unix_now(),
-            reason,
-        }) {
-            return Ok(());
-        }
-        let message = match reason {
-            EndReason::Revoked => "credential revoked",
-            EndReason::Expired => "credential expired",
-        };
-        self.inner.tunnels.close(grant.id(), message);
-        // Also a session that logged in but holds no forward.
-        self.inner.sessions.close(grant.id(), message);
-        if let Some(routes) = &self.inner.routes {
-            routes.unwant(grant.id());
-        }
-        self.update_port_gauge();
-        self.audit(Event::Ended { grant, reason });
-        // After a renewal in flight has stored its record, so this end is the last write.
-        let _writes = grant.writes().lock().await;
-        self.persist(grant.to_record())
-            .await
-            .context("the tunnel is ended in memory, but the state store could not record it")
-    }
-
-    /// Ends expired tunnels and forgets ended ones past retention.
-    pub async fn reap(&self) {
-        let now = unix_now();
-        let retention = self.inner.config.tunnels.retention.as_secs();
-        for grant in self.inner.grants.all() {
-            match grant.ended() {
-                None if now >= grant.deadline() => {
-                    if grant.deadline() < grant.expires_at() {
-                        self.audit(Event::LeaseLapsed { grant: &grant });
-                    }
-                    if let Err(e) = self.end(&grant, EndReason::Expired).await {
-                        error!(tunnel = %grant.id(), error = %format!("{e:#}"), "expiry not persisted");
-                    }
-                }
-                Some(ended) if ended.at.saturating_add(retention) <= now => {
-                    match self.unpersist(grant.id().to_owned()).await {
-                        Ok(()) => {
-                            self.inner.grants.remove(grant.id());
-                        }
-                        // Kept in memory and retried next tick, so the record cannot outlive us on disk.
-                        Err(e) => {
-                            error!(tunnel = %grant.id(), error = %format!("{e:#}"), "purge not persisted")
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Runs `reap` four times a second until `cancel`, so an expired credential's session is
-    /// gone within a second of its end (a quarter to notice, at most a second to close).
-    pub async fn run_reaper(self, cancel: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                _ = tick.tick() => self.reap().await,
-            }
-        }
     }
 
     /// Counts a failed login from `ip` towards its per-minute limit.
@@ -642,86 +360,22 @@ impl Broker {
         Some((grant, live))
     }
 
-    fn update_port_gauge(&self) {
+    pub(super) fn update_port_gauge(&self) {
         let free = i64::try_from(self.inner.ports.free()).unwrap_or(i64::MAX);
         self.inner.metrics.ports_free.set(free);
     }
 
-    async fn persist(&self, record: TunnelRecord) -> anyhow::Result<()> {
+    pub(super) async fn persist(&self, record: TunnelRecord) -> anyhow::Result<()> {
         let store = Arc::clone(&self.inner.store);
         tokio::task::spawn_blocking(move || store.put(&record))
             .await
             .context("store task")?
     }
 
-    async fn unpersist(&self, id: String) -> anyhow::Result<()> {
+    pub(super) async fn unpersist(&self, id: String) -> anyhow::Result<()> {
         let store = Arc::clone(&self.inner.store);
         tokio::task::spawn_blocking(move || store.remove(&id))
             .await
             .context("store task")?
-    }
-}
-
-/// `tb_` + 128 random bits in hex: unguessable, so an id alone grants nothing.
-fn new_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand::fill(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("tb_{hex}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Found by the `restore` fuzz target: an end time near u64::MAX overflowed the retention sum.
-    #[tokio::test]
-    async fn restore_survives_extreme_stored_times() {
-        let tmp = tempfile::tempdir().unwrap();
-        let store = crate::store::RedbStore::open(tmp.path()).unwrap();
-        let record = |id: &str, expires_at, ended| TunnelRecord {
-            id: id.into(),
-            user: "u".into(),
-            server_name: String::new(),
-            port: 1,
-            public_key: String::new(),
-            fingerprint: format!("SHA256:{id}"),
-            created_at: 0,
-            expires_at,
-            ended,
-            ..TunnelRecord::default()
-        };
-        store
-            .put(&record(
-                "a",
-                u64::MAX,
-                Some(Ended {
-                    at: u64::MAX,
-                    reason: EndReason::Revoked,
-                }),
-            ))
-            .unwrap();
-        store.put(&record("b", 0, None)).unwrap();
-        let config =
-            Config::parse("[routes]\nbackend = \"none\"\n[tunnels]\nports = \"1-1\"\n").unwrap();
-        let keys = Keys::load_or_create(&tmp.path().join("keys")).unwrap();
-        let addr: SocketAddr = "127.0.0.1:2222".parse().unwrap();
-        let broker = Broker::open(config, keys, Arc::new(store), Metrics::new().unwrap(), addr)
-            .await
-            .unwrap();
-        broker.reap().await;
-        assert_eq!(
-            broker.get("a").map(|(g, _)| g.ended().map(|e| e.reason)),
-            Some(Some(EndReason::Revoked))
-        );
-        // Expired at time 0: long past retention, so it is purged at restore.
-        assert!(broker.get("b").is_none());
-    }
-
-    #[test]
-    fn ids_are_distinct() {
-        let a = new_id();
-        assert!(a.starts_with("tb_") && a.len() == 35);
-        assert_ne!(a, new_id());
     }
 }
