@@ -574,7 +574,7 @@ class OpenSSH:
 class Tunnelbot:
     name = "tunnelbot"
 
-    def __init__(self, work, binary, port, admin_port, ports):
+    def __init__(self, work, binary, port, admin_port, ports, unauthenticated=2000):
         self.dir = os.path.join(work, "tunnelbot")
         os.makedirs(os.path.join(self.dir, "clientkeys"), exist_ok=True)
         self.port = port
@@ -595,9 +595,10 @@ class Tunnelbot:
                 "[limits]",
                 "max_sessions = 20000",
                 # Every benchmark client dials from 127.0.0.1: one source, as a whole cluster
-                # behind one NAT would be. OpenSSH's side has no such bound.
-                "max_unauthenticated = 20000",
-                "max_unauthenticated_per_source = 20000",
+                # behind one NAT would be. Room for the whole storm at once; OpenSSH's side has
+                # no such bound. (The broker refuses a config whose descriptors cannot fit.)
+                "max_unauthenticated = %d" % unauthenticated,
+                "max_unauthenticated_per_source = %d" % unauthenticated,
                 "[chp]",
                 "enabled = false",
                 "",
@@ -1196,7 +1197,8 @@ def main():
     ap.add_argument("--budget", type=float, default=None, help="hard time limit, seconds")
     ap.add_argument("--sshd-port", type=int, default=2222)
     ap.add_argument("--tb-port", type=int, default=2223)
-    ap.add_argument("--tb-ports", default="21000-31999", help="tunnelbot [tunnels] ports")
+    ap.add_argument("--tb-ports", default=None,
+                    help="tunnelbot [tunnels] ports (default: sized to the largest phase)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="repeat wrk and bulk runs (server order alternates); medians reported")
     ap.add_argument("--par", type=int, default=8, help="parallel clients in the CPU phase")
@@ -1227,8 +1229,10 @@ def main():
         # The broker holds 2 descriptors per connected tunnel (its reserved listener and the SSH
         # socket) plus its own ~20; the driver one per client.
         big = 10000
-        if 2 * big + 100 > nofile:
-            big = max(1000, (nofile - 100) // 2 // 100 * 100)
+        # The broker's start-up check counts every port and the unauthenticated room too.
+        unauth = (args.storm or 200) + 100
+        if 2 * (big + 100) + unauth + 200 > nofile:
+            big = max(1000, ((nofile - unauth - 200) // 2 - 100) // 100 * 100)
             big_note = ("ulimit -n is %d here and cannot be raised (no CAP_SYS_RESOURCE): "
                         "N capped at %d instead of 10,000" % (nofile, big))
             log("note:", big_note)
@@ -1291,8 +1295,11 @@ def main():
         nginx = Nginx(args.work, pick_port([18080]))
         iperf = Iperf(pick_port([15201]))
         osh = OpenSSH(args.work, args.sshd_port)
+        # A port per client slot and a little more: the broker refuses a range whose listeners
+        # (plus sessions and unauthenticated room) cannot fit the descriptor limit.
+        tb_ports = args.tb_ports or "21000-%d" % (21000 + max(ns + [storm]) + 200)
         tb = Tunnelbot(args.work, os.path.abspath(args.bin), args.tb_port,
-                       pick_port([18090]), args.tb_ports)
+                       pick_port([18090]), tb_ports, unauthenticated=storm + 100)
         servers = [osh, tb]
         time.sleep(1.0)
         tb.idle_before_issue_kib = tree_pss(tb.pid)[0]
