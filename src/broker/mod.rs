@@ -174,7 +174,7 @@ impl Broker {
         let tunnel_host = config.tunnel_host()?;
         metrics
             .ports_total
-            .set(i64::try_from(config.tunnels.ports.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(config.tunnels.ports.len().get()).unwrap_or(i64::MAX));
         let routes = if config.chp.enabled {
             let backend = Arc::new(crate::chp::ChpClient::from_config(&config.chp)?);
             Some(Routes::new(
