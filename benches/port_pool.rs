@@ -65,10 +65,7 @@ fn bench(c: &mut Criterion) {
 
     // The default pool's range; only a handful of ports are ever held at once here.
     let pool = Arc::new(PortPool::new(
-        PortRange {
-            first: 20000,
-            last: 29999,
-        },
+        PortRange::new(20000, 29999).unwrap_or_else(|e| panic!("{e}")),
         ip,
     ));
     for threads in [1u64, 2, 4] {
@@ -82,10 +79,7 @@ fn bench(c: &mut Criterion) {
     // 9,999 of 10,000 ports taken (marked, as a restart marks ports it could not bind): each
     // reserve scans the whole ring from the cursor before it finds the one free port.
     let full = PortPool::new(
-        PortRange {
-            first: 20000,
-            last: 29999,
-        },
+        PortRange::new(20000, 29999).unwrap_or_else(|e| panic!("{e}")),
         ip,
     );
     for port in 20001..=29999 {

@@ -113,10 +113,7 @@ fn bench(c: &mut Criterion) {
     });
 
     let metrics = Metrics::new().unwrap_or_else(|e| panic!("{e}"));
-    let range = PortRange {
-        first: 20000,
-        last: 29999,
-    };
+    let range = PortRange::new(20000, 29999).unwrap_or_else(|e| panic!("{e}"));
     let routes = Routes::new(
         client.clone(),
         root,

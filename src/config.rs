@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -173,6 +174,7 @@ impl Default for TunnelsConfig {
         Self {
             bind_address: IpAddr::from([127, 0, 0, 1]),
             // Below Linux's ephemeral range (32768-60999), so outgoing connections never hold one.
+            // Written out (this module may): 20000 <= 24999, neither is 0.
             ports: PortRange {
                 first: 20000,
                 last: 24999,
@@ -359,24 +361,39 @@ impl Default for RuntimeConfig {
     }
 }
 
-/// An inclusive port range written `"20000-29999"`.
+/// An inclusive port range written `"20000-29999"`: never empty and never holding port 0, since
+/// `new` is the only way to make one (parsing and deserializing go through it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortRange {
-    /// First port, inclusive.
-    pub first: u16,
-    /// Last port, inclusive.
-    pub last: u16,
+    first: u16,
+    last: u16,
 }
 
 impl PortRange {
-    /// How many ports the range holds.
-    pub fn len(&self) -> usize {
-        usize::from(self.last) - usize::from(self.first) + 1
+    /// The ports `first..=last`; refused when that holds no port or includes port 0.
+    pub fn new(first: u16, last: u16) -> anyhow::Result<Self> {
+        ensure!(
+            first > 0,
+            "port range {first}-{last} must not include port 0"
+        );
+        ensure!(first <= last, "port range {first}-{last} is empty");
+        Ok(Self { first, last })
     }
 
-    /// Always false: an empty range does not parse.
-    pub fn is_empty(&self) -> bool {
-        false
+    /// First port, inclusive.
+    pub fn first(&self) -> u16 {
+        self.first
+    }
+
+    /// Last port, inclusive.
+    pub fn last(&self) -> u16 {
+        self.last
+    }
+
+    /// How many ports the range holds; at least one, so there is no `is_empty` to ask.
+    pub fn len(&self) -> NonZeroUsize {
+        // `first <= last` by construction, so the count is at least 1.
+        NonZeroUsize::MIN.saturating_add(usize::from(self.last - self.first))
     }
 
     /// Whether `port` is in the range.
@@ -400,9 +417,7 @@ impl FromStr for PortRange {
             .trim()
             .parse()
             .with_context(|| format!("bad port {b:?}"))?;
-        ensure!(first > 0, "port range {s:?} must not include port 0");
-        ensure!(first <= last, "port range {s:?} is empty");
-        Ok(Self { first, last })
+        Self::new(first, last)
     }
 }
 
@@ -613,13 +628,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.ssh.listen.port(), 2222);
         assert_eq!(c.ssh.user, "tunnelbot");
-        assert_eq!(
-            c.tunnels.ports,
-            PortRange {
-                first: 20000,
-                last: 24999
-            }
-        );
+        assert_eq!(c.tunnels.ports, PortRange::new(20000, 24999).unwrap());
         assert_eq!(c.tunnels.default_ttl, Duration::from_secs(8 * 3600));
         assert!(c.admin.listen.ip().is_loopback());
     }
@@ -642,9 +651,15 @@ mod tests {
 
     #[test]
     fn port_ranges() {
-        assert_eq!("1-1".parse::<PortRange>().unwrap().len(), 1);
-        assert_eq!("20000-29999".parse::<PortRange>().unwrap().len(), 10000);
-        assert_eq!(Config::default().tunnels.ports.len(), 5000);
+        assert_eq!("1-1".parse::<PortRange>().unwrap().len().get(), 1);
+        assert_eq!(
+            "20000-29999".parse::<PortRange>().unwrap().len().get(),
+            10000
+        );
+        assert_eq!(Config::default().tunnels.ports.len().get(), 5000);
+        assert_eq!(PortRange::new(65535, 65535).unwrap().len().get(), 1);
+        assert!(PortRange::new(0, 10).is_err());
+        assert!(PortRange::new(10, 9).is_err());
         for bad in ["", "5", "9-5", "0-10", "a-b", "1-70000", "-"] {
             assert!(bad.parse::<PortRange>().is_err(), "{bad:?} parsed");
         }

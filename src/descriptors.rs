@@ -55,8 +55,11 @@ impl Need {
     pub fn of(config: &Config) -> Self {
         let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
         Self {
-            ports: n(config.tunnels.ports.len()),
-            sessions: n(config.limits.max_sessions.min(config.tunnels.ports.len())),
+            ports: n(config.tunnels.ports.len().get()),
+            sessions: n(config
+                .limits
+                .max_sessions
+                .min(config.tunnels.ports.len().get())),
             startups: n(config.limits.max_unauthenticated),
             admin: n(config.admin.max_connections),
         }

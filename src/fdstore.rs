@@ -241,16 +241,11 @@ mod tests {
         let ip = IpAddr::from([127, 0, 0, 1]);
         let l = TcpListener::bind((ip, 0)).unwrap();
         let port = l.local_addr().unwrap().port();
-        let range = PortRange {
-            first: port,
-            last: port,
-        };
+        let range = PortRange::new(port, port).unwrap();
         assert_eq!(usable(&l, ip, range), Ok(port));
         assert!(usable(&l, IpAddr::from([127, 0, 0, 2]), range).is_err());
-        let elsewhere = PortRange {
-            first: port.wrapping_add(1).max(1),
-            last: port.wrapping_add(1).max(1),
-        };
+        let next = port.wrapping_add(1).max(1);
+        let elsewhere = PortRange::new(next, next).unwrap();
         assert!(usable(&l, ip, elsewhere).is_err());
     }
 

@@ -73,8 +73,8 @@ impl PortPool {
             range,
             bind,
             inner: Mutex::new(Inner {
-                reserved: vec![false; range.len()],
-                free: range.len(),
+                reserved: vec![false; range.len().get()],
+                free: range.len().get(),
                 cursor: 0,
             }),
             store: Arc::new(FdStore::disabled()),
@@ -118,7 +118,7 @@ impl PortPool {
         if !self.range.contains(port) {
             return Err(PoolError::OutOfRange(port, self.range));
         }
-        let i = usize::from(port - self.range.first);
+        let i = usize::from(port - self.range.first());
         let mut inner = self.lock();
         if inner.reserved[i] {
             return Err(PoolError::Taken(port));
@@ -135,7 +135,7 @@ impl PortPool {
     /// Marks `port` as taken without a socket: its tunnel is known but could not bind it.
     pub fn mark_reserved(&self, port: u16) {
         if self.range.contains(port) {
-            let i = usize::from(port - self.range.first);
+            let i = usize::from(port - self.range.first());
             let mut inner = self.lock();
             if !inner.reserved[i] {
                 inner.reserved[i] = true;
@@ -149,7 +149,7 @@ impl PortPool {
     pub fn release(&self, port: u16) {
         self.store.remove(port);
         if self.range.contains(port) {
-            let i = usize::from(port - self.range.first);
+            let i = usize::from(port - self.range.first());
             let mut inner = self.lock();
             if inner.reserved[i] {
                 inner.reserved[i] = false;
@@ -170,7 +170,7 @@ impl PortPool {
 
     fn port_at(&self, i: usize) -> u16 {
         // `i < range.len()`, so the sum stays within u16.
-        self.range.first + u16::try_from(i).unwrap_or(0)
+        self.range.first() + u16::try_from(i).unwrap_or(0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -200,31 +200,36 @@ impl PortPool {
 mod tests {
     use super::*;
 
-    fn pool(first: u16, last: u16) -> PortPool {
-        PortPool::new(PortRange { first, last }, IpAddr::from([127, 0, 0, 1]))
+    /// A loopback address only this test process binds on: 127.<1 + pid's high bits>.<pid>.
+    /// Fixed ports on it never race another process for a port (the failure of probing for a
+    /// free range on 127.0.0.1 and then binding it: another process took it in between), since
+    /// no other process binds this address. The integration tests' brokers use 127.100 and up,
+    /// the rest of the machine 127.0.0.1. Only a wildcard listener on the same port could still
+    /// collide, and that is a fixed property of the host, not a race.
+    fn owned_ip() -> IpAddr {
+        let pid = std::process::id();
+        IpAddr::from([
+            127,
+            1 + ((pid >> 16) % 64) as u8,
+            (pid >> 8) as u8,
+            pid as u8,
+        ])
     }
 
-    /// A range of `n` ports that nothing on this machine holds right now.
-    fn free_range(n: u16) -> (u16, u16) {
-        for first in (21000..29000).step_by(97) {
-            let last = first + n - 1;
-            let all_free = (first..=last).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
-            if all_free {
-                return (first, last);
-            }
-        }
-        panic!("no free range");
+    /// The tests of this module run in parallel in one process, so each takes its own ports.
+    fn pool(first: u16, last: u16) -> PortPool {
+        PortPool::new(PortRange::new(first, last).unwrap(), owned_ip())
     }
 
     #[test]
     fn reserves_binds_and_releases_next_fit() {
-        let (first, last) = free_range(3);
+        let (first, last) = (21000, 21002);
         let p = pool(first, last);
         let (a, la) = p.reserve().unwrap();
         let (b, _lb) = p.reserve().unwrap();
         assert_eq!((a, b), (first, first + 1));
         assert!(
-            TcpListener::bind(("127.0.0.1", a)).is_err(),
+            TcpListener::bind((owned_ip(), a)).is_err(),
             "reservation must hold the port"
         );
         assert_eq!(p.free(), 1);
@@ -236,20 +241,24 @@ mod tests {
         let (d, _ld) = p.reserve().unwrap();
         assert_eq!(d, a);
         assert!(matches!(p.reserve(), Err(PoolError::Exhausted(_))));
+        assert_eq!(last, first + 2);
     }
 
     #[test]
     fn skips_ports_held_elsewhere() {
-        let (first, last) = free_range(2);
-        let _squatter = TcpListener::bind(("127.0.0.1", first)).unwrap();
+        let (first, last) = (21010, 21011);
+        let squatter = TcpListener::bind((owned_ip(), first)).unwrap();
         let p = pool(first, last);
         assert_eq!(p.reserve().unwrap().0, last);
         assert!(matches!(p.reserve(), Err(PoolError::Exhausted(_))));
+        let held = p.rebind(first).unwrap_err();
+        assert!(held.held_elsewhere(), "{held}");
+        drop(squatter);
     }
 
     #[test]
     fn exact_reservations() {
-        let (first, last) = free_range(2);
+        let (first, last) = (21020, 21021);
         let p = pool(first, last);
         let _l = p.reserve_exact(last).unwrap();
         assert!(matches!(p.reserve_exact(last), Err(PoolError::Taken(_))));

@@ -106,21 +106,14 @@ async fn no_free_port_is_503_and_a_revoke_frees_it() -> anyhow::Result<()> {
     assert_eq!(broker.metric("tunnelbot_ports_free").await?, 0.0);
     assert_eq!(broker.revoke(&first.id).await?, 204);
     // The port returns to the pool once its listener has closed.
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    loop {
+    let v = common::eventually("the freed port can be issued again", async || {
         let (status, v) = broker
             .api(Method::POST, "/api/v1/tunnels", Some(json!({"user": "b"})))
             .await?;
-        if status == 201 {
-            assert_eq!(v["port"], 24000);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "port never freed: {v}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        anyhow::Ok((status == 201).then_some(v))
+    })
+    .await?;
+    assert_eq!(v["port"], 24000);
     Ok(())
 }
 
@@ -240,15 +233,10 @@ async fn readyz(broker: &TestBroker) -> Option<u16> {
 
 /// Polls `/readyz` until it answers 200, bounded.
 async fn readyz_recovers(broker: &TestBroker) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while readyz(broker).await != Some(200) {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never answered"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    Ok(())
+    common::eventually("/readyz answers 200", async || {
+        readyz(broker).await == Some(200)
+    })
+    .await
 }
 
 #[tokio::test]

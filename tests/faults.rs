@@ -124,14 +124,10 @@ async fn a_notebook_that_never_reads_stalls_nothing_else() -> anyhow::Result<()>
         }
         anyhow::Ok(s)
     });
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while !blocked.load(Ordering::Acquire) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the upload never blocked"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually("the upload blocks", async || {
+        blocked.load(Ordering::Acquire)
+    })
+    .await?;
     // Other connections of the same tunnel, and another tunnel, still carry 4 MiB each.
     echo_through(stuck_side, 4 << 20).await?;
     echo_through(SocketAddr::new(broker.tunnel_ip, other.port), 4 << 20).await?;
@@ -161,28 +157,14 @@ async fn revoke_cuts_a_frozen_job_mid_upload() -> anyhow::Result<()> {
         let chunk = vec![b'E'; 64 * 1024];
         while up.write_all(&chunk).await.is_ok() {}
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while broker
-        .metric("tunnelbot_forwarded_connections_active")
-        .await?
-        < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the upload never reached the tunnel"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    broker
+        .wait_metric("tunnelbot_forwarded_connections_active", 1.0)
+        .await?;
 
     assert_eq!(broker.revoke(&issued.id).await?, 204);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while broker.metric("tunnelbot_ssh_sessions_active").await? > 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the frozen session was never cut"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    broker
+        .wait_metric_eq("tunnelbot_ssh_sessions_active", 0.0)
+        .await?;
     assert!(
         TcpStream::connect(SocketAddr::new(broker.tunnel_ip, port))
             .await

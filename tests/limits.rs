@@ -107,14 +107,9 @@ async fn handshakes_beyond_max_startups_wait_their_turn() -> anyhow::Result<()> 
     let issued = broker.issue("patient", "", 600).await?;
     let notebook = echo("").await?;
     let job = Ssh::job(&broker, &issued, notebook.port)?;
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while broker.metric("tunnelbot_ssh_startups_waiting").await? < 1.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job never queued"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    broker
+        .wait_metric("tunnelbot_ssh_startups_waiting", 1.0)
+        .await?;
     // ...and logs in and forwards once the slot frees.
     drop(silent);
     assert_eq!(job.allocated_port().await?, issued.port);
@@ -249,18 +244,9 @@ async fn a_tunnel_carries_at_most_its_connection_cap() -> anyhow::Result<()> {
     );
     drop(held);
     // Once they end, the tunnel carries again.
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while broker
-        .metric("tunnelbot_forwarded_connections_active")
-        .await?
-        > 0.0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "connections never ended"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    broker
+        .wait_metric_eq("tunnelbot_forwarded_connections_active", 0.0)
+        .await?;
     assert_eq!(roundtrip(hub_side, b"z", 3).await?, b"e:z");
     Ok(())
 }

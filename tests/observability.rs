@@ -4,9 +4,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
-use common::{Issued, Ssh, TestBroker, echo, keygen, roundtrip, ssh_args, ssh_run};
+use common::{
+    BrokerProcess, Issued, Ssh, TestBroker, echo, eventually, keygen, roundtrip, ssh_args, ssh_run,
+};
 use serde_json::Value;
 
 #[tokio::test]
@@ -84,18 +85,12 @@ async fn counters_move_as_the_real_client_connects_is_refused_transfers_and_leav
         1.0
     );
     // The byte counters are bumped as data moves; poll until the echo has gone both ways.
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while broker
-        .metric("tunnelbot_forwarded_bytes_total{direction=\"from_job\"}")
-        .await?
-        < 50_000.0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "from_job bytes never counted"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    broker
+        .wait_metric(
+            "tunnelbot_forwarded_bytes_total{direction=\"from_job\"}",
+            50_000.0,
+        )
+        .await?;
     assert_eq!(
         broker
             .metric("tunnelbot_forwarded_bytes_total{direction=\"to_job\"}")
@@ -107,14 +102,9 @@ async fn counters_move_as_the_real_client_connects_is_refused_transfers_and_leav
     broker
         .wait_tunnel(&issued.id, "disconnected", |t| t["connected"] == false)
         .await?;
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while broker.metric("tunnelbot_ssh_sessions_active").await? != 0.0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "session gauge never went back to 0"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    broker
+        .wait_metric_eq("tunnelbot_ssh_sessions_active", 0.0)
+        .await?;
     assert_eq!(broker.metric("tunnelbot_tunnels_connected").await?, 0.0);
     assert_eq!(broker.revoke(&issued.id).await?, 204);
     assert_eq!(
@@ -126,40 +116,47 @@ async fn counters_move_as_the_real_client_connects_is_refused_transfers_and_leav
     Ok(())
 }
 
+/// Readiness through `run` and a real SIGTERM: `/readyz` answers 200 while the broker serves and
+/// 503 once the drain has begun, while `/healthz` stays 200; then the process exits cleanly. A
+/// frozen job holds the drain open for a while: it never answers "broker shutting down", so its
+/// session lasts until the broker cuts it.
 #[tokio::test]
-async fn readyz_follows_the_readiness_latch_while_healthz_stays_ok() -> anyhow::Result<()> {
-    // A broker that is loaded but not yet serving: the admin app says "not ready".
+async fn sigterm_turns_readyz_503_for_the_drain_and_the_process_then_exits() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let text =
-        common::base_config(dir.path(), common::unique_loopback(), "") + "[chp]\nenabled = false\n";
-    let config = tunnelbot::Config::parse(&text)?;
-    let listeners = tunnelbot::Listeners::bind(&config).await?;
-    let broker = tunnelbot::open(config, listeners.ssh_addr()?).await?;
-    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let app = tunnelbot::admin::router(tunnelbot::admin::AdminState {
-        broker,
-        ready: ready.clone(),
-    });
-    let admin = listeners.admin_addr()?;
-    let server = tokio::spawn(axum::serve(listeners.admin, app).into_future());
-    let http = reqwest::Client::new();
-    let status = |path: &'static str| {
-        let http = http.clone();
-        async move {
-            anyhow::Ok(
-                http.get(format!("http://{admin}{path}"))
-                    .send()
-                    .await?
-                    .status()
-                    .as_u16(),
-            )
-        }
-    };
-    assert_eq!(status("/readyz").await?, 503);
-    assert_eq!(status("/healthz").await?, 200);
-    ready.store(true, std::sync::atomic::Ordering::Release);
-    assert_eq!(status("/readyz").await?, 200);
-    server.abort();
+    let config = dir.path().join("tb.toml");
+    let text = common::base_config(dir.path(), common::unique_loopback(), "")
+        + "[chp]\nenabled = false\n"
+        + common::PROCESS_LIMITS;
+    std::fs::write(&config, text)?;
+    let mut broker = BrokerProcess::start(dir.path(), &config).await?;
+    assert_eq!(broker.status_of("/readyz").await?, 200);
+
+    let issued = broker.issue("dora").await?;
+    let notebook = echo("").await?;
+    let args = common::job_args(broker.ssh, &issued.key, &issued.known_hosts, notebook.port);
+    let job = Ssh::spawn(&args)?;
+    job.allocated_port().await?;
+    broker.wait_connected(1).await?;
+    job.signal("STOP")?;
+
+    broker.signal("TERM")?;
+    // A probe that cannot connect fails the wait at once: the admin API must outlive the drain.
+    eventually("/readyz answers 503", async || {
+        anyhow::Ok(broker.status_of("/readyz").await? == 503)
+    })
+    .await?;
+    assert_eq!(
+        broker.status_of("/healthz").await?,
+        200,
+        "alive while draining"
+    );
+    let exit = broker.wait_exit().await?;
+    assert!(exit.success(), "{exit}\n{}", broker.log_text());
+    let log = broker.log_text();
+    assert!(
+        log.contains("tunnel listeners closed") && log.contains("stopped"),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -174,76 +171,32 @@ async fn json_log_of_a_full_run() -> anyhow::Result<(Vec<Value>, String, Issued,
             + "[chp]\nenabled = false\n"
             + common::PROCESS_LIMITS,
     )?;
-    let ready = dir.path().join("ready.json");
-    let log = dir.path().join("broker.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tunnelbot"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&config)
-        .arg("--ready-file")
-        .arg(&ready)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let deadline = std::time::Instant::now() + common::WAIT;
-    while !ready.exists() {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "broker not ready");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let addrs: Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
-    let admin = addrs["admin"].as_str().unwrap_or_default().to_owned();
-    let ssh: SocketAddr = addrs["ssh"].as_str().unwrap_or_default().parse()?;
-    let token = std::fs::read_to_string(dir.path().join("keys/admin.token"))?
-        .trim()
-        .to_owned();
-    let http = reqwest::Client::new();
-    let v: Value = http
-        .post(format!("http://{admin}/api/v1/tunnels"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"user": "alice", "server_name": "lab"}))
-        .send()
-        .await?
-        .json()
+    let mut command = BrokerProcess::command();
+    command.args(["--log-format", "json"]);
+    let mut broker = BrokerProcess::start_via(dir.path(), &config, command).await?;
+    let issued = broker
+        .issue_body(serde_json::json!({"user": "alice", "server_name": "lab"}))
         .await?;
-    let issued = Issued::write(v, dir.path())?;
     let notebook = echo("").await?;
-    let args = common::job_args(ssh, &issued.key, &issued.known_hosts, notebook.port);
+    let args = common::job_args(broker.ssh, &issued.key, &issued.known_hosts, notebook.port);
     let mut job = Ssh::spawn(&args)?;
     job.allocated_port().await?;
     roundtrip(SocketAddr::new(ip, issued.port), b"hello", 5).await?;
     job.child.kill().await?;
     job.exit_code().await?;
-    let gone = |t: &Value| t["connected"] == false;
-    let deadline = std::time::Instant::now() + common::WAIT;
-    loop {
-        let t: Value = http
-            .get(format!("http://{admin}/api/v1/tunnels/{}", issued.id))
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .json()
-            .await?;
-        if gone(&t) {
-            break;
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "never disconnected");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    http.delete(format!("http://{admin}/api/v1/tunnels/{}", issued.id))
-        .bearer_auth(&token)
-        .send()
-        .await?;
+    eventually("the tunnel is disconnected", async || {
+        anyhow::Ok(broker.tunnel(&issued.id).await?["connected"] == false)
+    })
+    .await?;
+    assert_eq!(broker.revoke(&issued.id).await?, 204);
     // SIGTERM, so the log ends with an orderly shutdown.
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()?;
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await?;
-    let text = std::fs::read_to_string(&log)?;
+    broker.terminate().await?;
+    let text = broker.log_text();
     let lines = text
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<Vec<Value>, _>>()?;
-    Ok((lines, text, issued, token))
+    Ok((lines, text, issued, broker.token.clone()))
 }
 
 #[tokio::test]

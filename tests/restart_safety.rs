@@ -505,15 +505,8 @@ fn intruder_http(listener: tokio::net::TcpListener) -> common::Echo {
 
 /// Polls (bounded) until the tunnel's port is held by the broker again.
 async fn wait_listening(broker: &BrokerProcess, id: &str) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let t = broker.tunnel(id).await?;
-        if t["listening"] == true {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("tunnel never listened again: {t}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(&format!("tunnel {id} listens again"), async || {
+        anyhow::Ok(broker.tunnel(id).await?["listening"] == true)
+    })
+    .await
 }

@@ -22,15 +22,9 @@ fn idle_login(broker: &TestBroker, issued: &common::Issued) -> anyhow::Result<Ss
 
 /// Waits (bounded) until no SSH session is left on the broker.
 async fn no_sessions_left(broker: &TestBroker) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    while broker.metric("tunnelbot_ssh_sessions_active").await? > 0.0 {
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "sessions still open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    Ok(())
+    broker
+        .wait_metric_eq("tunnelbot_ssh_sessions_active", 0.0)
+        .await
 }
 
 #[tokio::test]

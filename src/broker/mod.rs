@@ -137,7 +137,7 @@ impl Broker {
         let tunnel_host = config.tunnel_host()?;
         metrics
             .ports_total
-            .set(i64::try_from(config.tunnels.ports.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(config.tunnels.ports.len().get()).unwrap_or(i64::MAX));
         let routes = crate::routes::from_config(&config, tunnel_host.clone(), metrics.clone())?;
         let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
         let sessions = Sessions::new(config.limits.liveness_probe_timeout);

@@ -33,10 +33,7 @@ async fn rig() -> Rig {
         fake.clone(),
         BaseUrl::new("/").unwrap(),
         "127.0.0.1".into(),
-        PortRange {
-            first: 20000,
-            last: 20999,
-        },
+        PortRange::new(20000, 20999).unwrap(),
         INTERVAL,
         Metrics::new().unwrap(),
     );
