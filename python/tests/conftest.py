@@ -22,6 +22,10 @@ from tunnelbot_jupyterhub import job_wrapper_path
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "tunnelbot_jupyterhub"
 # The installed copy: the tests exercise what pip put in place.
 WRAPPER = job_wrapper_path()
+# What pip put on the venv's PATH. Tests that run the wrapper as another user use this one: the
+# venv is traversable by every user (scripts/test.sh sees to it), while the source tree that
+# pytest may import the package from can sit under a private folder such as /root.
+INSTALLED_WRAPPER = Path(sys.executable).parent / "tunnelbot-job"
 
 
 def wait_for(

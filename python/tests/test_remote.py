@@ -19,9 +19,9 @@ from typing import Any, Iterator, List
 import pytest
 from traitlets.config import Config
 
-from conftest import Broker, pid_alive, python_http_server, stop_process, wait_for
+from conftest import INSTALLED_WRAPPER, Broker, pid_alive, python_http_server, stop_process, wait_for
 from remote_host import RemoteHosts, remote_hosts, start_broker_on  # noqa: F401  (fixture)
-from tunnelbot_jupyterhub import BrokerClient, job_wrapper_path
+from tunnelbot_jupyterhub import BrokerClient
 from tunnelbot_jupyterhub.remote import TunnelbotRemoteSpawner, UnknownHostKey, parse_hosts, validate_bind
 
 # -- no remote host needed --------------------------------------------------------------
@@ -128,13 +128,15 @@ def veth_broker(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path_factory:
         stop_process(broker.proc)
 
 
-def spawner_for(hosts: RemoteHosts, broker: Broker, known_hosts: Path, **options: Any) -> TunnelbotRemoteSpawner:
+def spawner_for(
+    hosts: RemoteHosts, broker: Broker, known_hosts: Path, wrapper: str = "", **options: Any
+) -> TunnelbotRemoteSpawner:
     (hosts.shared / "hello.txt").write_text("hello from the remote host\n")
     (hosts.shared / "hello.txt").chmod(0o644)
     c = Config()
     c.TunnelbotSpawnerMixin.broker_url = broker.admin_url
     c.TunnelbotSpawnerMixin.broker_token_file = str(broker.token_file)
-    c.TunnelbotSpawnerMixin.job_wrapper = ["/bin/sh", str(job_wrapper_path())]
+    c.TunnelbotSpawnerMixin.job_wrapper = ["/bin/sh", wrapper or str(INSTALLED_WRAPPER)]
     c.TunnelbotRemoteSpawner.remote_hosts = "not a host:," + hosts.spec()
     c.TunnelbotRemoteSpawner.known_hosts_file = str(known_hosts)
     c.TunnelbotRemoteSpawner.home_root = str(hosts.home_root)
@@ -253,3 +255,13 @@ def test_unknown_host_key_names_the_host(remote_hosts: RemoteHosts, veth_broker:
     with pytest.raises(UnknownHostKey, match="node2"):
         asyncio.run(spawner.start())
     assert not node2.job_pids()
+
+
+def test_a_wrapper_that_cannot_start_leaves_no_credential_behind(remote_hosts: RemoteHosts, veth_broker: Broker) -> None:
+    hosts = remote_hosts
+    spawner = spawner_for(hosts, veth_broker, hosts.known_hosts, wrapper="/nonexistent/tunnelbot-job", host="node1")
+    with pytest.raises(RuntimeError, match="status"):
+        asyncio.run(spawner.start())
+    # The launch script and the credential it was handed are both gone, and the tunnel revoked.
+    assert not [f for f in os.listdir("/tmp") if f.startswith("tunnelbot-launch.")]
+    assert not spawner.tunnel_id

@@ -19,10 +19,9 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import Broker, free_port, stop_process, wait_for
+from conftest import INSTALLED_WRAPPER, Broker, free_port, stop_process, wait_for
 from remote_host import RemoteHosts, remote_hosts, start_broker_on  # noqa: F401  (fixture)
 from test_e2e_jupyterhub import BIN_DIR, BrowserLike, Proc, Stack, _requirements, launch, start_until_ready
-from tunnelbot_jupyterhub import job_wrapper_path
 
 pytestmark = pytest.mark.e2e
 
@@ -95,7 +94,7 @@ def remote_stack(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path: Path) 
                 f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
                 f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
                 # The packaged copy of the wrapper: the namespaces share this filesystem.
-                f"c.TunnelbotSpawnerMixin.job_wrapper = ['/bin/sh', '{job_wrapper_path()}']\n"
+                f"c.TunnelbotSpawnerMixin.job_wrapper = ['/bin/sh', '{INSTALLED_WRAPPER}']\n"
                 # The first entry is invalid: skipped with a warning.
                 f"c.TunnelbotRemoteSpawner.remote_hosts = 'bad;entry:,{hosts.spec()}'\n"
                 f"c.TunnelbotRemoteSpawner.known_hosts_file = '{hosts.known_hosts}'\n"

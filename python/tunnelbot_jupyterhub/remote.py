@@ -396,7 +396,11 @@ class TunnelbotRemoteSpawner(TunnelbotSpawnerMixin, Spawner):
         wrapper = " ".join(shlex.quote(w) for w in self.job_wrapper)
         job = " ".join(shlex.quote(w) for w in self._job_argv(binds))
         lines.append(f'{wrapper} --credential-move "$1" {job}')
-        lines.append('echo "tunnelbot-remote: tunnelbot-job exited with status $?"')
+        lines.append("status=$?")
+        # The wrapper deletes the credential as it reads it; one that never started (not found,
+        # not readable) must not leave it behind.
+        lines.append('rm -f -- "$1"')
+        lines.append('echo "tunnelbot-remote: tunnelbot-job exited with status $status"')
         return "\n".join(lines) + "\n"
 
     def _remote_launcher(self, marker: str) -> str:
