@@ -16,7 +16,6 @@ requirements skip the tests, except under CI where they fail.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import secrets
@@ -26,11 +25,11 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Iterator, List, Optional
 
 import pytest
 
-from conftest import Broker, stop_process, wait_for
+from conftest import stop_process, wait_for
 
 SSHD = "/usr/sbin/sshd"
 USER = "tbremote"  # the test's Unix user, created idempotently
@@ -316,64 +315,3 @@ def remote_hosts() -> Iterator[RemoteHosts]:
         for node in hosts.nodes:
             _remove_netns(node)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def start_broker_on(binary: str, workdir: Path, address: str, chp: str = "", chp_token: str = "") -> Broker:
-    """The broker with its SSH listener on ``address`` (the hub side of a veth pair).
-
-    Like conftest.start_broker, whose listener is fixed to loopback; the admin API stays on
-    loopback.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    chp_section = (
-        f'[chp]\nenabled = true\napi_url = "{chp}"\nreconcile_interval = "1s"\n' if chp else "[chp]\nenabled = false\n"
-    )
-    config = workdir / "tunnelbot.toml"
-    config.write_text(
-        f'keys_dir = "{workdir / "keys"}"\n'
-        f'state_dir = "{workdir / "state"}"\n'
-        "[ssh]\n"
-        f'listen = "{address}:0"\n'
-        f'public_host = "{address}"\n'
-        "[tunnels]\n"
-        'bind_address = "127.0.0.1"\n'
-        "[admin]\n"
-        'listen = "127.0.0.1:0"\n'
-        f"{chp_section}"
-    )
-    ready = workdir / "ready.json"
-    log = workdir / "broker.log"
-    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "info")}
-    if chp_token:
-        env["CONFIGPROXY_AUTH_TOKEN"] = chp_token
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [binary, "serve", "--config", str(config), "--ready-file", str(ready)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-
-    def is_ready() -> Optional[Dict[str, str]]:
-        if proc.poll() is not None:
-            raise AssertionError(f"broker exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        try:
-            data: Dict[str, str] = json.loads(ready.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if "ssh" in data and "admin" in data else None
-
-    try:
-        addrs = wait_for(is_ready, 30, "the broker's ready file")
-    except BaseException:
-        stop_process(proc)
-        raise
-    return Broker(
-        proc=proc,
-        dir=workdir,
-        ssh_port=int(addrs["ssh"].rsplit(":", 1)[1]),
-        admin_url="http://" + addrs["admin"],
-        token_file=workdir / "keys" / "admin.token",
-        log=log,
-    )

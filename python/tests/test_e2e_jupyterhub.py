@@ -10,150 +10,38 @@ import os
 import pwd
 import secrets
 import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import Broker, descendants, free_port, pid_alive, start_broker, stop_process, wait_for
+from conftest import Broker, descendants, pid_alive, start_broker, wait_for
+from hub import (  # noqa: F401  (requirements: a fixture)
+    BIN_DIR,
+    BrowserLike,
+    HubRunner,
+    Proc,
+    Stack,
+    hub_config,
+    hub_env,
+    requirements,
+    start_chp,
+    stop_hubs,
+    stop_rest,
+)
 
 pytestmark = pytest.mark.e2e
 
-BIN_DIR = Path(sys.executable).parent
-STARTUP_ATTEMPTS = 5  # fresh ports after a collision with another process
-
-
-def _requirements() -> str:
-    if not os.environ.get("CHP_BIN"):
-        return "CHP_BIN is not set (path to configurable-http-proxy 5.3.0)"
-    try:
-        import jupyterhub
-        import requests  # noqa: F401  (a JupyterHub dependency)
-    except ImportError as e:
-        return f"JupyterHub is not installed in this Python ({e})"
-    if not jupyterhub.__version__.startswith("6."):
-        return f"JupyterHub 6 expected, found {jupyterhub.__version__}"
-    for tool in ("jupyterhub", "jupyterhub-singleuser"):
-        if not (BIN_DIR / tool).exists():
-            return f"{tool} is not installed next to {sys.executable}"
-    return ""
-
-
-@pytest.fixture(scope="module")
-def requirements() -> None:
-    missing = _requirements()
-    if missing:
-        pytest.skip(missing)
-
-
-@dataclass
-class Proc:
-    proc: "subprocess.Popen[bytes]"
-    log: Path
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def launch(cmd: List[str], log: Path, env: Dict[str, str], cwd: Path) -> Proc:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
-    return Proc(proc, log)
-
-
-def start_until_ready(name: str, start: Callable[[int], Proc], ready: Callable[[Proc], bool], timeout: float) -> Proc:
-    """Start a child on OS-chosen ports; when it dies of a port collision, try fresh ports."""
-    for attempt in range(STARTUP_ATTEMPTS):
-        p = start(attempt)
-
-        def up() -> bool:
-            if p.proc.poll() is not None:
-                return True
-            return ready(p)
-
-        wait_for(up, timeout, f"{name} to be ready", interval=0.1, detail=p.text)
-        if p.proc.poll() is None:
-            return p
-        if "EADDRINUSE" not in p.text() and "in use" not in p.text():
-            raise AssertionError(f"{name} exited with {p.proc.returncode}:\n{p.text()}")
-    raise AssertionError(f"{name}: ports kept colliding after {STARTUP_ATTEMPTS} attempts")
-
-
-@dataclass
-class Stack:
-    chp: Proc
-    chp_port: int
-    chp_api: str
-    chp_token: str
-    broker: Broker
-    hub: Proc
-    hub_url: str
-    username: str
-    password: str
-
-    def logs(self) -> str:
-        return f"--- hub\n{self.hub.text()[-6000:]}\n--- broker\n{self.broker.log_text()[-4000:]}"
-
-    def routes(self) -> Dict[str, Any]:
-        import requests
-
-        r = requests.get(self.chp_api + "/api/routes", headers={"Authorization": f"token {self.chp_token}"}, timeout=5)
-        r.raise_for_status()
-        data: Dict[str, Any] = r.json()
-        return data
-
-    def tunnels(self) -> List[Dict[str, Any]]:
-        import requests
-
-        r = requests.get(
-            self.broker.admin_url + "/api/v1/tunnels", headers={"Authorization": f"Bearer {self.broker.token}"}, timeout=5
-        )
-        r.raise_for_status()
-        return list(r.json()["tunnels"])
-
-
 @pytest.fixture
 def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[Stack]:
-    import requests
-
     chp_token = secrets.token_hex(32)
-    base_env = {**os.environ, "PATH": f"{BIN_DIR}:{os.environ['PATH']}", "CONFIGPROXY_AUTH_TOKEN": chp_token}
+    env = hub_env(chp_token)
     procs: List[Proc] = []
     broker: Optional[Broker] = None
     ports: Dict[str, int] = {}
 
-    def start_chp(attempt: int) -> Proc:
-        ports.update(public=free_port(), api=free_port(), hub=free_port())
-        p = launch(
-            [
-                os.environ["CHP_BIN"],
-                "--ip", "127.0.0.1", "--port", str(ports["public"]),
-                "--api-ip", "127.0.0.1", "--api-port", str(ports["api"]),
-                "--error-target", f"http://127.0.0.1:{ports['hub']}/hub/error",
-                "--log-level", "info",
-            ],
-            tmp_path / f"chp{attempt}.log",
-            base_env,
-            tmp_path,
-        )
-        procs.append(p)
-        return p
-
-    def chp_ready(p: Proc) -> bool:
-        try:
-            health = requests.get(f"http://127.0.0.1:{ports['public']}/_chp_healthz", timeout=2)
-            api = requests.get(
-                f"http://127.0.0.1:{ports['api']}/api/routes", headers={"Authorization": f"token {chp_token}"}, timeout=2
-            )
-        except requests.RequestException:
-            return False
-        return health.status_code == 200 and api.status_code == 200
-
     try:
-        chp = start_until_ready("CHP", start_chp, chp_ready, 30)
+        chp = start_chp(tmp_path, env, procs, ports)
         chp_api = f"http://127.0.0.1:{ports['api']}"
         broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api, extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token})
 
@@ -164,23 +52,14 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
         (hub_dir / "notebooks").mkdir()
         (hub_dir / "notebooks" / "hello.txt").write_text("hello from the job")
         jupyter = hub_dir / "jupyter"
+        config = hub_dir / "jupyterhub_config.py"
 
-        def start_hub(attempt: int) -> Proc:
-            if attempt:  # CHP's --error-target names the hub port; a new hub port is enough here
-                ports["hub"] = free_port()
-            config = hub_dir / "jupyterhub_config.py"
+        def write_config() -> None:
+            assert broker is not None
             config.write_text(
                 "c = get_config()  # noqa\n"
-                f"c.JupyterHub.bind_url = 'http://127.0.0.1:{ports['public']}/'\n"
-                f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{ports['hub']}'\n"
-                "c.ConfigurableHTTPProxy.should_start = False\n"
-                f"c.ConfigurableHTTPProxy.api_url = '{chp_api}'\n"
-                f"c.JupyterHub.db_url = 'sqlite:///{hub_dir}/jupyterhub.sqlite'\n"
-                f"c.JupyterHub.cookie_secret_file = '{hub_dir}/cookie_secret'\n"
-                "c.JupyterHub.authenticator_class = 'shared-password'\n"
-                f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
-                f"c.Authenticator.allowed_users = {{'{username}'}}\n"
-                "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
+                + hub_config(ports, chp_api, hub_dir, username, password)
+                + "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
                 f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
                 f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
                 "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
@@ -194,20 +73,8 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
                 f"'TMPDIR': '{hub_dir}'}}\n"
                 + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
             )
-            p = launch(
-                [str(BIN_DIR / "jupyterhub"), "-f", str(config)], tmp_path / f"hub{attempt}.log", base_env, hub_dir
-            )
-            procs.append(p)
-            return p
 
-        def hub_ready(p: Proc) -> bool:
-            try:  # through CHP: proves the hub registered its own route
-                r = requests.get(f"http://127.0.0.1:{ports['public']}/hub/api/", timeout=2)
-            except requests.RequestException:
-                return False
-            return r.status_code == 200
-
-        hub = start_until_ready("JupyterHub", start_hub, hub_ready, 60)
+        hub = HubRunner(config, tmp_path, env, procs, ports, write_config).start_until_ready()
         yield Stack(
             chp=chp,
             chp_port=ports["public"],
@@ -220,67 +87,8 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
             password=password,
         )
     finally:
-        # The hub first: it stops the servers it spawned (cleanup_servers) while the broker still runs.
-        for p in reversed(procs):
-            if "hub" in p.log.name:
-                stop_process(p.proc, timeout=30)
-        if broker is not None:
-            stop_process(broker.proc)
-        for p in procs:
-            stop_process(p.proc)
-
-
-class BrowserLike:
-    """A requests session that does what a browser does: cookies, XSRF, redirects."""
-
-    def __init__(self, stack: Stack) -> None:
-        import requests
-
-        self.stack = stack
-        self.session = requests.Session()
-
-    def xsrf(self, path: str = "/hub/") -> Dict[str, str]:
-        for cookie in self.session.cookies:
-            if cookie.name == "_xsrf" and cookie.path == path:
-                return {"X-XSRFToken": cookie.value or ""}
-        return {}
-
-    def login(self) -> None:
-        base = self.stack.hub_url
-        assert self.session.get(base + "/hub/login", timeout=10).status_code == 200
-        xsrf = self.xsrf()["X-XSRFToken"]
-        r = self.session.post(
-            base + "/hub/login?next=",
-            data={"username": self.stack.username, "password": self.stack.password, "_xsrf": xsrf},
-            allow_redirects=False,
-            timeout=10,
-        )
-        assert r.status_code == 302, r.text
-        assert any(c.name.startswith("jupyterhub-session-id") or c.name == "jupyterhub-hub-login" for c in self.session.cookies)
-
-    def hub_api(self, method: str, path: str, **kwargs: Any) -> Any:
-        # As fetch() would: cookie auth, the XSRF header and Sec-Fetch-Mode: cors.
-        headers = {**self.xsrf(), "Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-origin"}
-        return self.session.request(method, self.stack.hub_url + "/hub/api" + path, headers=headers, timeout=30, **kwargs)
-
-    def server(self) -> Optional[Dict[str, Any]]:
-        r = self.hub_api("GET", f"/users/{self.stack.username}")
-        assert r.status_code == 200, r.text
-        servers: Dict[str, Any] = r.json().get("servers", {})
-        return servers.get("")
-
-    def status(self) -> int:
-        """GET /user/<name>/api/status through CHP's public port."""
-        import requests
-
-        user = self.stack.username
-        try:
-            r = self.session.get(
-                f"{self.stack.hub_url}/user/{user}/api/status", headers=self.xsrf(f"/user/{user}/"), timeout=10
-            )
-        except requests.RequestException:
-            return 0
-        return int(r.status_code)
+        stop_hubs(procs)
+        stop_rest(procs, broker)
 
 
 def test_jupyterhub_server_through_tunnelbot(stack: Stack) -> None:

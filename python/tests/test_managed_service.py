@@ -5,19 +5,17 @@ README's `c.JupyterHub.services` entry), spawns through CHP and a tunnel, and a 
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import secrets
-import subprocess
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
 from conftest import descendants, free_port, pid_alive, stop_process, wait_for
-from test_e2e_jupyterhub import BIN_DIR, BrowserLike, Proc, launch, requirements, start_until_ready  # noqa: F401
+from hub import BIN_DIR, BrowserLike, HubRunner, Proc, hub_config, hub_env, requirements, start_chp  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -33,29 +31,13 @@ def _service_block() -> str:
 
 @pytest.fixture
 def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[Dict[str, Any]]:
-    import requests
-
     chp_token = secrets.token_hex(32)
-    env = {**os.environ, "PATH": f"{BIN_DIR}:{os.environ['PATH']}", "CONFIGPROXY_AUTH_TOKEN": chp_token,
-           "RUST_LOG": "info"}
-    ports = {"public": free_port(), "api": free_port(), "hub": free_port(), "ssh": free_port(), "admin": free_port()}
+    env = hub_env(chp_token, RUST_LOG="info")
     procs: List[Proc] = []
-    chp = launch([os.environ["CHP_BIN"], "--ip", "127.0.0.1", "--port", str(ports["public"]), "--api-ip", "127.0.0.1",
-                  "--api-port", str(ports["api"]), "--error-target", f"http://127.0.0.1:{ports['hub']}/hub/error"],
-                 tmp_path / "chp.log", env, tmp_path)
-    procs.append(chp)
+    ports: Dict[str, int] = {}
+    start_chp(tmp_path, env, procs, ports)
+    ports.update(ssh=free_port(), admin=free_port())
     chp_api = f"http://127.0.0.1:{ports['api']}"
-
-    def chp_ready() -> bool:
-        if chp.proc.poll() is not None:
-            raise AssertionError(chp.text())
-        try:
-            return requests.get(chp_api + "/api/routes", headers={"Authorization": f"token {chp_token}"},
-                                timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(chp_ready, 30, "CHP", 0.1)
     bdir = tmp_path / "broker"
     bdir.mkdir()
     broker_config = bdir / "tunnelbot.toml"
@@ -84,16 +66,8 @@ def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[
         "import os\n"
         + block
         + "\n# --- this test's machine\n"
-        f"c.JupyterHub.bind_url = 'http://127.0.0.1:{ports['public']}/'\n"
-        f"c.JupyterHub.hub_bind_url = 'http://127.0.0.1:{ports['hub']}'\n"
-        "c.ConfigurableHTTPProxy.should_start = False\n"
-        f"c.ConfigurableHTTPProxy.api_url = '{chp_api}'\n"
-        f"c.JupyterHub.db_url = 'sqlite:///{hub_dir}/jupyterhub.sqlite'\n"
-        f"c.JupyterHub.cookie_secret_file = '{hub_dir}/cookie_secret'\n"
-        "c.JupyterHub.authenticator_class = 'shared-password'\n"
-        f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
-        f"c.Authenticator.allowed_users = {{'{username}'}}\n"
-        "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
+        + hub_config(ports, chp_api, hub_dir, username, password)
+        + "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
         f"c.TunnelbotSpawnerMixin.broker_url = 'http://127.0.0.1:{ports['admin']}'\n"
         f"c.TunnelbotSpawnerMixin.broker_token_file = '{bdir / 'keys' / 'admin.token'}'\n"
         "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
@@ -106,25 +80,13 @@ def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[
         f"'JUPYTER_DATA_DIR': '{jupyter}/data', 'JUPYTER_CONFIG_DIR': '{jupyter}/config', 'TMPDIR': '{hub_dir}'}}\n"
         + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
     )
-    launches = [0]
-
-    def start_hub(attempt: int = 0) -> Proc:
-        launches[0] += 1
-        p = launch([str(BIN_DIR / "jupyterhub"), "-f", str(config)], tmp_path / f"hub{launches[0]}.log", env, hub_dir)
-        procs.append(p)
-        return p
-
-    def hub_ready(p: Proc) -> bool:
-        try:
-            return requests.get(f"http://127.0.0.1:{ports['public']}/hub/api/", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
+    runner = HubRunner(config, tmp_path, env, procs, ports)
 
     state: Dict[str, Any] = {}
     try:
-        state["hub"] = start_until_ready("JupyterHub", start_hub, hub_ready, 60)
+        state["hub"] = runner.start_until_ready()
         state.update(
-            start_hub=lambda: start_until_ready("JupyterHub", start_hub, hub_ready, 60),
+            start_hub=runner.start_until_ready,
             stack=SimpleNamespace(hub_url=f"http://127.0.0.1:{ports['public']}", username=username, password=password),
             admin_url=f"http://127.0.0.1:{ports['admin']}", token_file=bdir / "keys" / "admin.token",
             chp_api=chp_api, chp_token=chp_token, procs=procs,

@@ -19,8 +19,8 @@ from typing import Any, Iterator, List
 import pytest
 from traitlets.config import Config
 
-from conftest import INSTALLED_WRAPPER, Broker, pid_alive, python_http_server, stop_process, wait_for
-from remote_host import RemoteHosts, remote_hosts, start_broker_on  # noqa: F401  (fixture)
+from conftest import INSTALLED_WRAPPER, Broker, pid_alive, python_http_server, start_broker, stop_process, wait_for
+from remote_host import RemoteHosts, remote_hosts  # noqa: F401  (fixture)
 from tunnelbot_jupyterhub import BrokerClient
 from tunnelbot_jupyterhub.remote import TunnelbotRemoteSpawner, UnknownHostKey, parse_hosts, validate_bind
 
@@ -121,7 +121,8 @@ def test_form_values_with_shell_metacharacters_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def veth_broker(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = start_broker_on(tunnelbot_bin, tmp_path_factory.mktemp("broker"), remote_hosts.hub_address)
+    address = remote_hosts.hub_address
+    broker = start_broker(tunnelbot_bin, tmp_path_factory.mktemp("broker"), ssh_host=address, public_host=address)
     try:
         yield broker
     finally:

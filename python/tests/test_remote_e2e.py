@@ -13,23 +13,20 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import INSTALLED_WRAPPER, Broker, free_port, stop_process, wait_for
-from remote_host import RemoteHosts, remote_hosts, start_broker_on  # noqa: F401  (fixture)
-from test_e2e_jupyterhub import BIN_DIR, BrowserLike, Proc, Stack, _requirements, launch, start_until_ready
+from conftest import INSTALLED_WRAPPER, Broker, start_broker, wait_for
+from hub import BIN_DIR, BrowserLike, HubRunner, Proc, Stack, _requirements, hub_config, hub_env, start_chp, stop_hubs, stop_rest
+from remote_host import RemoteHosts, remote_hosts  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def remote_stack(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path: Path) -> Iterator[Stack]:
-    import requests
-
     missing = _requirements()
     if missing:
         if os.environ.get("CI"):
@@ -38,59 +35,27 @@ def remote_stack(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path: Path) 
     hosts = remote_hosts
     hub_ip = hosts.hub_address  # the jobs call the hub's API across the veth
     chp_token = secrets.token_hex(32)
-    base_env = {**os.environ, "PATH": f"{BIN_DIR}:{os.environ['PATH']}", "CONFIGPROXY_AUTH_TOKEN": chp_token}
+    env = hub_env(chp_token)
     procs: List[Proc] = []
     broker: Optional[Broker] = None
     ports: Dict[str, int] = {}
 
-    def start_chp(attempt: int) -> Proc:
-        ports.update(public=free_port(), api=free_port(), hub=free_port())
-        p = launch(
-            [
-                os.environ["CHP_BIN"],
-                "--ip", "127.0.0.1", "--port", str(ports["public"]),
-                "--api-ip", "127.0.0.1", "--api-port", str(ports["api"]),
-                "--error-target", f"http://{hub_ip}:{ports['hub']}/hub/error",
-                "--log-level", "info",
-            ],
-            tmp_path / f"chp{attempt}.log",
-            base_env,
-            tmp_path,
-        )
-        procs.append(p)
-        return p
-
-    def chp_ready(p: Proc) -> bool:
-        try:
-            health = requests.get(f"http://127.0.0.1:{ports['public']}/_chp_healthz", timeout=2)
-        except requests.RequestException:
-            return False
-        return health.status_code == 200
-
     try:
-        chp = start_until_ready("CHP", start_chp, chp_ready, 30)
+        chp = start_chp(tmp_path, env, procs, ports, hub_ip)
         chp_api = f"http://127.0.0.1:{ports['api']}"
-        broker = start_broker_on(tunnelbot_bin, tmp_path / "broker", hub_ip, chp=chp_api, chp_token=chp_token)
+        broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api,
+                              extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token}, ssh_host=hub_ip, public_host=hub_ip)
         password = secrets.token_hex(12)
         hub_dir = tmp_path / "hub"
         hub_dir.mkdir()
+        config = hub_dir / "jupyterhub_config.py"
 
-        def start_hub(attempt: int) -> Proc:
-            if attempt:
-                ports["hub"] = free_port()
-            config = hub_dir / "jupyterhub_config.py"
+        def write_config() -> None:
+            assert broker is not None
             config.write_text(
                 "c = get_config()  # noqa\n"
-                f"c.JupyterHub.bind_url = 'http://127.0.0.1:{ports['public']}/'\n"
-                f"c.JupyterHub.hub_bind_url = 'http://{hub_ip}:{ports['hub']}'\n"
-                "c.ConfigurableHTTPProxy.should_start = False\n"
-                f"c.ConfigurableHTTPProxy.api_url = '{chp_api}'\n"
-                f"c.JupyterHub.db_url = 'sqlite:///{hub_dir}/jupyterhub.sqlite'\n"
-                f"c.JupyterHub.cookie_secret_file = '{hub_dir}/cookie_secret'\n"
-                "c.JupyterHub.authenticator_class = 'shared-password'\n"
-                f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
-                f"c.Authenticator.allowed_users = {{'{hosts.user}'}}\n"
-                "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotRemoteSpawner'\n"
+                + hub_config(ports, chp_api, hub_dir, hosts.user, password, hub_ip)
+                + "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotRemoteSpawner'\n"
                 f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
                 f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
                 # The packaged copy of the wrapper: the namespaces share this filesystem.
@@ -106,18 +71,8 @@ def remote_stack(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path: Path) 
                 "c.Spawner.start_timeout = 60\n"
                 "c.Spawner.http_timeout = 60\n"
             )
-            p = launch([str(BIN_DIR / "jupyterhub"), "-f", str(config)], tmp_path / f"hub{attempt}.log", base_env, hub_dir)
-            procs.append(p)
-            return p
 
-        def hub_ready(p: Proc) -> bool:
-            try:
-                r = requests.get(f"http://127.0.0.1:{ports['public']}/hub/api/", timeout=2)
-            except requests.RequestException:
-                return False
-            return r.status_code == 200
-
-        hub = start_until_ready("JupyterHub", start_hub, hub_ready, 60)
+        hub = HubRunner(config, tmp_path, env, procs, ports, write_config).start_until_ready()
         yield Stack(
             chp=chp,
             chp_port=ports["public"],
@@ -130,13 +85,8 @@ def remote_stack(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path: Path) 
             password=password,
         )
     finally:
-        for p in reversed(procs):
-            if "hub" in p.log.name:
-                stop_process(p.proc, timeout=30)
-        if broker is not None:
-            stop_process(broker.proc)
-        for p in procs:
-            stop_process(p.proc)
+        stop_hubs(procs)
+        stop_rest(procs, broker)
 
 
 def test_pick_a_host_spawn_through_the_tunnel_and_stop(remote_stack: Stack, remote_hosts: RemoteHosts) -> None:

@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import socket
-import sys
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,13 +23,23 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import Broker, free_port, start_broker, stop_process, wait_for
+from conftest import Broker, start_broker, stop_process, wait_for
+from hub import (
+    BIN_DIR,
+    BrowserLike,
+    HubRunner,
+    Proc,
+    Stack,
+    _requirements,
+    hub_config,
+    hub_env,
+    start_chp,
+    stop_hubs,
+    stop_rest,
+)
 from slurm_cluster import HUB_ADDR, JOB_USER, Gateway, SlurmCluster, missing_requirements, start_cluster, start_gateway
-from test_e2e_jupyterhub import BrowserLike, Proc, Stack, _requirements, launch, start_until_ready
 
 pytestmark = pytest.mark.e2e
-
-BIN_DIR = Path(sys.executable).parent
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -103,42 +112,20 @@ class SlurmStack:
 
 
 def make_stack(tmp_path: Path, tunnelbot_bin: str, cluster: SlurmCluster, gateway: Optional[Gateway]) -> Iterator[SlurmStack]:
-    import requests
-
     chp_token = secrets.token_hex(32)
-    base_env = {**os.environ, "PATH": f"{BIN_DIR}:{os.environ['PATH']}", "CONFIGPROXY_AUTH_TOKEN": chp_token,
-                "SLURM_CONF": str(cluster.conf)}
+    env = hub_env(chp_token, SLURM_CONF=str(cluster.conf))
     procs: List[Proc] = []
     broker: Optional[Broker] = None
     ports: Dict[str, int] = {}
-
-    def start_chp(attempt: int) -> Proc:
-        ports.update(public=free_port(), api=free_port(), hub=free_port())
-        p = launch(
-            [os.environ["CHP_BIN"], "--ip", "127.0.0.1", "--port", str(ports["public"]), "--api-ip", "127.0.0.1",
-             "--api-port", str(ports["api"]), "--error-target", f"http://{HUB_ADDR}:{ports['hub']}/hub/error"],
-            tmp_path / f"chp{attempt}.log", base_env, tmp_path,
-        )
-        procs.append(p)
-        return p
-
-    def chp_ready(p: Proc) -> bool:
-        try:
-            r = requests.get(f"http://127.0.0.1:{ports['api']}/api/routes", headers={"Authorization": f"token {chp_token}"},
-                             timeout=2)
-        except requests.RequestException:
-            return False
-        return r.status_code == 200
 
     hub_dir = tmp_path / "hub"
     hub_dir.mkdir()
     config = hub_dir / "jupyterhub_config.py"
     username = JOB_USER if gateway is None else "alice"  # over ssh the hub user needs no Unix account
     password = secrets.token_hex(12)
-    launches = [0]
 
     try:
-        chp = start_until_ready("CHP", start_chp, chp_ready, 30)
+        chp = start_chp(tmp_path, env, procs, ports, HUB_ADDR)
         chp_api = f"http://127.0.0.1:{ports['api']}"
         # Jobs dial the broker across the veth: its SSH listener is on the hub side's address.
         broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api,
@@ -146,15 +133,8 @@ def make_stack(tmp_path: Path, tunnelbot_bin: str, cluster: SlurmCluster, gatewa
         heading = "Slurm over ssh (a gateway account)" if gateway is not None else "Slurm"
         overrides = (
             # Only this machine's addresses, paths and sizes differ from the README's config.
-            f"c.JupyterHub.bind_url = 'http://127.0.0.1:{ports['public']}/'\n"
-            f"c.JupyterHub.hub_bind_url = 'http://{HUB_ADDR}:{ports['hub']}'\n"
-            f"c.JupyterHub.hub_connect_ip = '{HUB_ADDR}'\n"
-            f"c.ConfigurableHTTPProxy.api_url = '{chp_api}'\n"
-            f"c.JupyterHub.db_url = 'sqlite:///{hub_dir}/jupyterhub.sqlite'\n"
-            f"c.JupyterHub.cookie_secret_file = '{hub_dir}/cookie_secret'\n"
-            "c.JupyterHub.authenticator_class = 'shared-password'\n"
-            f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
-            f"c.Authenticator.allowed_users = {{'{username}'}}\n"
+            hub_config(ports, chp_api, hub_dir, username, password, HUB_ADDR)
+            + f"c.JupyterHub.hub_connect_ip = '{HUB_ADDR}'\n"
             f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
             f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
             f"c.TunnelbotSpawnerMixin.ssh_host = '{HUB_ADDR}'\n"
@@ -170,36 +150,19 @@ def make_stack(tmp_path: Path, tunnelbot_bin: str, cluster: SlurmCluster, gatewa
             )
         config.write_text(readme_config(heading) + "\n# --- this test's machine\n" + overrides)
 
-        def start_hub(attempt: int = 0) -> Proc:
-            launches[0] += 1
-            p = launch([str(BIN_DIR / "jupyterhub"), "-f", str(config)], tmp_path / f"hub{launches[0]}.log", base_env, hub_dir)
-            procs.append(p)
-            return p
-
-        def hub_ready(p: Proc) -> bool:
-            try:
-                r = requests.get(f"http://127.0.0.1:{ports['public']}/hub/api/", timeout=2)
-            except requests.RequestException:
-                return False
-            return r.status_code == 200
-
-        hub = start_until_ready("JupyterHub", start_hub, hub_ready, 60)
+        runner = HubRunner(config, tmp_path, env, procs, ports)
+        hub = runner.start_until_ready()
         stack = Stack(chp=chp, chp_port=ports["public"], chp_api=chp_api, chp_token=chp_token, broker=broker, hub=hub,
                       hub_url=f"http://127.0.0.1:{ports['public']}", username=username, password=password)
         yield SlurmStack(stack=stack, config=config, hub_dir=hub_dir, hub_port=ports["hub"],
-                         start_hub=lambda: start_until_ready("JupyterHub", start_hub, hub_ready, 60))
+                         start_hub=runner.start_until_ready)
     finally:
-        for p in reversed(procs):
-            if "hub" in p.log.name:
-                stop_process(p.proc, timeout=30)
+        stop_hubs(procs)
         for job in cluster.squeue():
             job_id, state = job.split()[:2]
             if state in ("PENDING", "RUNNING", "CONFIGURING"):
                 cluster.slurm("scancel", job_id, check=False)
-        if broker is not None:
-            stop_process(broker.proc)
-        for p in procs:
-            stop_process(p.proc)
+        stop_rest(procs, broker)
 
 
 def notebook_token(cluster: SlurmCluster) -> str:

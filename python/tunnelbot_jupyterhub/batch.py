@@ -413,6 +413,15 @@ status=$?
 {epilogue}
 exit "$status"
 """
+# The same tail for the jinja2 templates (one blank line after the directives).
+_JINJA_TAIL = """
+{{prologue}}
+{{cmd}}
+status=$?
+{{epilogue}}
+exit "$status"
+"""
+_JINJA_HELP = "The job script (jinja2 template; {{cmd}} carries the credential on stdin)."
 
 
 class TunnelbotTorqueSpawner(TunnelbotBatchMixin, batchspawner.TorqueSpawner):
@@ -457,14 +466,9 @@ class TunnelbotPBSSpawner(TunnelbotBatchMixin, batchspawner.PBSSpawner):
 #PBS -e {{homedir}}/.jupyterhub.pbs.err
 {% endif %}#PBS -v {{keepvars}}
 {% if options %}#PBS {{options}}{% endif %}
-
-{{prologue}}
-{{cmd}}
-status=$?
-{{epilogue}}
-exit "$status"
-""",
-        help="The job script (jinja2 template; {{cmd}} carries the credential on stdin).",
+"""
+        + _JINJA_TAIL,
+        help=_JINJA_HELP,
     ).tag(config=True)
 
 
@@ -485,14 +489,9 @@ class TunnelbotGridengineSpawner(TunnelbotBatchMixin, batchspawner.GridengineSpa
 {% endif %}{% if runtime %}#$ -l h_rt={{runtime}}
 {% endif %}#$ -v {{keepvars}}
 {% if options %}#$ {{options}}{% endif %}
-
-{{prologue}}
-{{cmd}}
-status=$?
-{{epilogue}}
-exit "$status"
-""",
-        help="The job script (jinja2 template; {{cmd}} carries the credential on stdin).",
+"""
+        + _JINJA_TAIL,
+        help=_JINJA_HELP,
     ).tag(config=True)
 
 
@@ -514,14 +513,9 @@ class TunnelbotLsfSpawner(TunnelbotBatchMixin, batchspawner.LsfSpawner):
 {% if homedir %}#BSUB -o {{homedir}}/.jupyterhub.lsf.out
 #BSUB -e {{homedir}}/.jupyterhub.lsf.err
 {% endif %}{% if options %}#BSUB {{options}}{% endif %}
-
-{{prologue}}
-{{cmd}}
-status=$?
-{{epilogue}}
-exit "$status"
-""",
-        help="The job script (jinja2 template; {{cmd}} carries the credential on stdin).",
+"""
+        + _JINJA_TAIL,
+        help=_JINJA_HELP,
     ).tag(config=True)
 
     def parse_walltime(self, value: str) -> Optional[int]:
