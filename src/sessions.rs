@@ -183,9 +183,14 @@ impl Sessions {
                 "another login took the credential during the probe; probing again"
             );
         }
-        match self.by_grant.get(grant) {
-            Some(holder) => Claim::InUse(Arc::clone(&holder)),
-            None => Claim::Fresh,
+        // Still contested after every round: whoever holds it now keeps it; a freed credential
+        // is taken like any other (and registered, so revoke and expiry reach this session).
+        match self.by_grant.entry(grant.to_owned()) {
+            Entry::Vacant(v) => {
+                v.insert(new);
+                Claim::Fresh
+            }
+            Entry::Occupied(o) => Claim::InUse(Arc::clone(o.get())),
         }
     }
 
