@@ -157,15 +157,13 @@ impl Tunnels {
         let previous = tunnel.link.send_replace(Some(link));
         match previous {
             Some(old) if old.session.id != new_id => {
-                // The credential's newer session already won the login (sessions.rs), so the
-                // old one is on its way out; this only moves the forward.
+                // The credential's newer session already won the login, and the claim told the
+                // old one to go (sessions.rs); this only moves the forward.
                 Event::LinkReplaced {
                     tunnel: id,
                     sessions: (old.session.id, new_id),
                 }
                 .record(&self.metrics);
-                old.session
-                    .disconnect("replaced by a newer connection for this credential");
             }
             Some(_) => {}
             None => self.metrics.tunnels_connected.inc(),
@@ -192,14 +190,14 @@ impl Tunnels {
         detached
     }
 
-    /// Ends tunnel `id`: disconnects its session with `reason`, closes and frees its port.
-    pub fn close(&self, id: &str, reason: &'static str) {
+    /// Ends tunnel `id`: unlinks its session and closes and frees its port. Telling the session
+    /// to go is the credential's (`Sessions::close`): it holds every login, forwarding or not.
+    pub fn close(&self, id: &str) {
         let Some((_, tunnel)) = self.map.remove(id) else {
             return;
         };
-        if let Some(link) = tunnel.link.send_replace(None) {
+        if tunnel.link.send_replace(None).is_some() {
             self.metrics.tunnels_connected.dec();
-            link.session.disconnect(reason);
         }
         tunnel.cancel.cancel();
     }

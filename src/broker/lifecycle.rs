@@ -87,9 +87,9 @@ impl Broker {
             EndReason::Revoked => "credential revoked",
             EndReason::Expired => "credential expired",
         };
-        self.inner.tunnels.close(grant.id(), message);
-        // Also a session that logged in but holds no forward.
+        // The credential's one live login, whether it holds the forward or not.
         self.inner.sessions.close(grant.id(), message);
+        self.inner.tunnels.close(grant.id());
         if let Some(routes) = &self.inner.routes {
             routes.unwant(grant.id());
         }
