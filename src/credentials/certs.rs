@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
 use anyhow::{Context, bail, ensure};
+use russh::keys::ssh_key::Fingerprint;
 use russh::keys::ssh_key::certificate::CertType;
 use russh::keys::{Certificate, HashAlg, PublicKey};
 
@@ -129,8 +130,15 @@ impl Template {
 }
 
 struct Loaded {
-    cas: Vec<PublicKey>,
+    cas: Vec<TrustedCa>,
     krl: Krl,
+}
+
+/// A trusted CA as logins compare it: worked out once per load, not once per login.
+struct TrustedCa {
+    fingerprint: Fingerprint,
+    /// The key's wire encoding, as KRLs and `CertLogin::ca_blob` name it.
+    blob: Vec<u8>,
 }
 
 /// The trusted CAs and the revocation list, reloaded on SIGHUP.
@@ -169,7 +177,15 @@ impl Authority {
     /// Reads both files again; on any error the previous lists stay in force.
     pub fn reload(&self) -> anyhow::Result<()> {
         let cas = match &self.ca_file {
-            Some(path) => read_cas(path)?,
+            Some(path) => read_cas(path)?
+                .iter()
+                .map(|k| {
+                    Ok(TrustedCa {
+                        fingerprint: k.fingerprint(HashAlg::Sha256),
+                        blob: key_blob(k.key_data())?,
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
             None => Vec::new(),
         };
         let krl = match &self.krl_file {
@@ -203,19 +219,18 @@ impl Authority {
         if loaded.cas.is_empty() {
             return Err(CertRefusal::Disabled);
         }
-        let fingerprints: Vec<_> = loaded
-            .cas
-            .iter()
-            .map(|k| k.fingerprint(HashAlg::Sha256))
-            .collect();
-        // Signature and trusted CA first: nothing else in an unverified certificate means anything.
-        if cert.verify_signature().is_err()
-            || !fingerprints.contains(&cert.signature_key().fingerprint(HashAlg::Sha256))
-        {
+        // Trusted CA and signature first: nothing else in an unverified certificate means anything.
+        let ca = cert.signature_key().fingerprint(HashAlg::Sha256);
+        let Some(trusted) = loaded.cas.iter().find(|c| c.fingerprint == ca) else {
             return Err(CertRefusal::UnknownCa);
-        }
-        if cert.validate_at(now, &fingerprints).is_err() {
-            return Err(CertRefusal::Expired);
+        };
+        // One signature check on the way in; only a refusal checks again, to name its reason.
+        if cert.validate_at(now, [&ca]).is_err() {
+            return Err(if cert.verify_signature().is_err() {
+                CertRefusal::UnknownCa
+            } else {
+                CertRefusal::Expired
+            });
         }
         if cert.cert_type() != CertType::User {
             return Err(CertRefusal::HostCertificate);
@@ -234,7 +249,7 @@ impl Authority {
             .find_map(|p| self.template.user(p))
             .ok_or(CertRefusal::Principal)?
             .to_owned();
-        let ca_blob = key_blob(cert.signature_key()).map_err(|_| CertRefusal::UnknownCa)?;
+        let ca_blob = trusted.blob.clone();
         let key_blob = key_blob(cert.public_key()).map_err(|_| CertRefusal::UnknownCa)?;
         let login = CertLogin {
             user,
@@ -254,10 +269,7 @@ impl Authority {
     /// Whether `login` is revoked or its CA no longer trusted by the lists now loaded.
     pub fn withdrawn(&self, login: &CertLogin) -> bool {
         let loaded = self.read();
-        let trusted = loaded
-            .cas
-            .iter()
-            .any(|k| key_blob(k.key_data()).is_ok_and(|blob| blob == login.ca_blob));
+        let trusted = loaded.cas.iter().any(|c| c.blob == login.ca_blob);
         !trusted || revoked(&loaded.krl, login)
     }
 }
