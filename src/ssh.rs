@@ -41,7 +41,8 @@ pub fn server_config(broker: &Broker) -> russh::server::Config {
         // Keepalive replies reset it, so a live quiet peer is never cut; it still bounds a
         // write into a dead socket.
         inactivity_timeout: Some(ssh.keepalive_interval * 8),
-        nodelay: true,
+        // No `nodelay`: russh applies it only in `run_on_socket`; the accepted socket gets
+        // TCP_NODELAY in `Connection::run` (tests/ssh_settings.rs checks it).
         // Re-key after `ssh.rekey_limit` bytes either way (default russh's own 1 GiB) or 1 h.
         // A re-exchange the broker starts while the client has a window of data in flight on
         // several channels used to end the session in russh 0.65.1 ("pending buffer limit
