@@ -28,6 +28,15 @@ WRAPPER = job_wrapper_path()
 INSTALLED_WRAPPER = Path(sys.executable).parent / "tunnelbot-job"
 
 
+def require(missing: str) -> None:
+    """Skip a test whose requirement is `missing` ("" when met); under CI, fail it instead, so an
+    end-to-end test can never pass in CI by not running."""
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run this test: {missing}")
+        pytest.skip(missing)
+
+
 def wait_for(
     check: Callable[[], Optional[T]],
     timeout: float,
@@ -223,7 +232,7 @@ def start_broker(
 def tunnelbot_bin() -> str:
     binary = os.environ.get("TUNNELBOT_BIN", "")
     if not binary:
-        pytest.skip("TUNNELBOT_BIN is not set: point it at a built tunnelbot binary to run broker tests")
+        require("TUNNELBOT_BIN is not set: point it at a built tunnelbot binary to run broker tests")
     if not os.access(binary, os.X_OK):
         pytest.fail(f"TUNNELBOT_BIN={binary} is not an executable file")
     return binary

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 
-from conftest import Broker, free_port, stop_process, wait_for
+from conftest import Broker, free_port, require, stop_process, wait_for
 
 BIN_DIR = Path(sys.executable).parent
 STARTUP_ATTEMPTS = 5  # fresh ports after a collision with another process
@@ -38,9 +38,7 @@ def _requirements() -> str:
 
 @pytest.fixture(scope="module")
 def requirements() -> None:
-    missing = _requirements()
-    if missing:
-        pytest.skip(missing)
+    require(_requirements())
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Iterator, List, Optional
 
 import pytest
 
-from conftest import stop_process, wait_for
+from conftest import require as require_or_fail, stop_process, wait_for
 
 SSHD = "/usr/sbin/sshd"
 USER = "tbremote"  # the test's Unix user, created idempotently
@@ -71,11 +71,7 @@ def requirement_missing() -> str:
 
 def require() -> None:
     """Skip when the machine cannot host the fixture; under CI, fail instead."""
-    missing = requirement_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"remote-host tests cannot run in CI: {missing}")
-        pytest.skip(missing)
+    require_or_fail(requirement_missing())
 
 
 def run(*argv: str) -> str:

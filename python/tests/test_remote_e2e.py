@@ -18,7 +18,7 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import INSTALLED_WRAPPER, Broker, start_broker, wait_for
+from conftest import INSTALLED_WRAPPER, Broker, require, start_broker, wait_for
 from hub import BIN_DIR, BrowserLike, HubRunner, Proc, Stack, _requirements, hub_config, hub_env, start_chp, stop_hubs, stop_rest
 from remote_host import RemoteHosts, remote_hosts  # noqa: F401  (fixture)
 
@@ -27,11 +27,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def remote_stack(tunnelbot_bin: str, remote_hosts: RemoteHosts, tmp_path: Path) -> Iterator[Stack]:
-    missing = _requirements()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(missing)
-        pytest.skip(missing)
+    require(_requirements())
     hosts = remote_hosts
     hub_ip = hosts.hub_address  # the jobs call the hub's API across the veth
     chp_token = secrets.token_hex(32)

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import Broker, start_broker, stop_process, wait_for
+from conftest import Broker, require, start_broker, stop_process, wait_for
 from hub import (
     BIN_DIR,
     BrowserLike,
@@ -53,10 +53,7 @@ def readme_config(heading: str) -> str:
 
 
 def _need(missing: str) -> None:
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the real-Slurm tests: {missing}")
-        pytest.skip(missing)
+    require(missing)
 
 
 @pytest.fixture(scope="module")
