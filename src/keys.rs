@@ -111,6 +111,11 @@ pub fn random_token() -> String {
 /// Reads a token file (token on the first line), refusing one that others can read.
 pub fn read_secret_file(path: &Path) -> anyhow::Result<Secret> {
     check_private_file(path)?;
+    read_token(path)
+}
+
+/// The token a file holds (surrounding white space trimmed), its permissions checked by the caller.
+pub fn read_token(path: &Path) -> anyhow::Result<Secret> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let token = text.trim();
     if token.is_empty() {

@@ -173,12 +173,7 @@ pub fn read_scoped_file(path: &Path) -> anyhow::Result<Secret> {
             path.display()
         );
     }
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let token = text.trim();
-    if token.is_empty() {
-        bail!("{} is empty", path.display());
-    }
-    Ok(Secret::new(token))
+    crate::keys::read_token(path)
 }
 
 /// Makes a spawner token `spawner-<name>.token` in `dir` for group `group` (by name): the
