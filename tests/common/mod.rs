@@ -3,6 +3,7 @@
 //! - `process` the real `tunnelbot` binary as a child (`BrokerProcess`)
 //! - `ssh`     the stock OpenSSH client as a job runs it (`Ssh`), and `ssh-keygen`
 //! - `chp`     a real configurable-http-proxy (`Chp`)
+//! - `redis`   a real redis-server (`Redis`)
 //! - `net`     echo and HTTP backends, round trips, free ports
 //! - `wait`    `eventually`, the one bounded poll every wait goes through
 //!
@@ -20,6 +21,7 @@ mod broker;
 mod chp;
 mod net;
 mod process;
+mod redis;
 mod ssh;
 mod wait;
 
@@ -31,6 +33,7 @@ pub use broker::{Issued, PROCESS_LIMITS, TestBroker, base_config, metric_value, 
 pub use chp::{Chp, chp_bin};
 pub use net::{Echo, carries_nothing, echo, free_port, http_backend, roundtrip};
 pub use process::BrokerProcess;
+pub use redis::{Redis, redis_server_bin};
 pub use ssh::{Ssh, job_args, keygen, ssh_args, ssh_run};
 pub use wait::{POLL, Probe, eventually};
 
