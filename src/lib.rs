@@ -60,6 +60,7 @@ pub mod names;
 pub mod ports;
 pub mod preauth;
 pub mod record;
+pub mod registry;
 pub mod reload;
 pub mod reservation;
 pub mod routes;
