@@ -127,3 +127,7 @@ impl Registry {
         self.metrics.ports_free.set(free);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
