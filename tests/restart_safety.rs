@@ -19,7 +19,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use common::{BrokerProcess, Chp, FakeSystemd, Issued, Ssh, echo, roundtrip};
 
-
 /// Another local user trying, again and again, to bind a tunnel's port, plainly and with
 /// SO_REUSEPORT (which would let it share a listener that had it set).
 struct Squatter {
