@@ -286,3 +286,26 @@ async fn a_password_file_and_custom_prefixes() -> anyhow::Result<()> {
     assert_eq!(keys.len(), 12, "{keys:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn redis_down_at_start_does_not_stop_tunnels_and_routes_appear_when_it_is_up()
+-> anyhow::Result<()> {
+    let mut redis = Redis::start().await?;
+    redis.kill().await?;
+    let broker = broker(&redis, "").await?;
+    let issued = broker.issue("erin", "", 600).await?;
+    let notebook = common::echo("nb:").await?;
+    let job = Ssh::job(&broker, &issued, notebook.port)?;
+    assert_eq!(job.allocated_port().await?, issued.port);
+    let hub_side = std::net::SocketAddr::new(broker.tunnel_ip, issued.port);
+    assert_eq!(common::roundtrip(hub_side, b"x", 4).await?, b"nb:x");
+    broker
+        .wait_tunnel(&issued.id, "route error", |t| t["route"] == "error")
+        .await?;
+    assert!(redis.spawn().await?, "redis start");
+    wait_keys(&redis, "*user_2Ferin_2F*", "are written", |k| k.len() == 12).await?;
+    broker
+        .wait_tunnel(&issued.id, "registered", |t| t["route"] == "registered")
+        .await?;
+    Ok(())
+}
