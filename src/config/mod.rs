@@ -27,6 +27,8 @@ pub struct Config {
     pub routes: RoutesConfig,
     /// configurable-http-proxy, the `chp` route backend.
     pub chp: ChpConfig,
+    /// traefik through Redis, the `traefik-redis` route backend.
+    pub traefik_redis: crate::routes::traefik_redis::TraefikRedisConfig,
     /// Caps that keep one misbehaving client from exhausting the broker.
     pub limits: LimitsConfig,
     /// Threads.
@@ -43,6 +45,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             routes: RoutesConfig::default(),
             chp: ChpConfig::default(),
+            traefik_redis: Default::default(),
             limits: LimitsConfig::default(),
             runtime: RuntimeConfig::default(),
         }
@@ -244,6 +247,9 @@ impl Default for RoutesConfig {
 pub enum RouteBackendKind {
     /// configurable-http-proxy's REST API (`[chp]`).
     Chp,
+    /// traefik's Redis provider, in JupyterHub's `TraefikRedisProxy` keys (`[traefik_redis]`).
+    #[serde(rename = "traefik-redis")]
+    TraefikRedis,
     /// No routes: the spawner alone drives them.
     None,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure};
 use tracing::warn;
 
-use super::{BaseUrl, RouteBackend, Routes, chp};
+use super::{BaseUrl, RouteBackend, Routes, chp, traefik_redis};
 use crate::config::{Config, RouteBackendKind, RoutesConfig};
 use crate::metrics::Metrics;
 
@@ -66,6 +66,11 @@ impl Settings {
         let base_url = BaseUrl::new(base_url)?;
         match backend {
             RouteBackendKind::Chp => chp::check_config(&config.chp)?,
+            RouteBackendKind::TraefikRedis => {
+                traefik_redis::check_config(&config.traefik_redis)?;
+                // The hub API pair (to restore the hub's routes) is read from [chp] here too.
+                chp::hub_api(&config.chp, &chp::process_env)?;
+            }
             RouteBackendKind::None => {}
         }
         Ok(Some(Self {
@@ -105,6 +110,11 @@ pub fn from_config(
     }
     let backend: Arc<dyn RouteBackend> = match settings.backend {
         RouteBackendKind::Chp => Arc::new(chp::ChpClient::from_config(
+            &config.chp,
+            settings.base_url.clone(),
+        )?),
+        RouteBackendKind::TraefikRedis => Arc::new(traefik_redis::TraefikRedis::from_config(
+            &config.traefik_redis,
             &config.chp,
             settings.base_url.clone(),
         )?),
@@ -156,6 +166,29 @@ mod tests {
             "[routes]\nbackend = \"traefik\"\n",
         ] {
             assert!(settings(clash).is_err(), "{clash}");
+        }
+    }
+
+    #[test]
+    fn traefik_redis_is_chosen_and_checked_without_connecting() {
+        let s = settings("[routes]\nbackend = \"traefik-redis\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.backend, RouteBackendKind::TraefikRedis);
+        let config = Config::parse(
+            "[routes]\nbackend = \"traefik-redis\"\n[traefik_redis]\nurl = \"redis://127.0.0.1:1/\"\n",
+        )
+        .unwrap();
+        let routes = from_config(&config, "127.0.0.1".into(), Metrics::new().unwrap()).unwrap();
+        assert!(routes.is_some());
+        for bad in [
+            "url = \"redis://:secret@127.0.0.1/\"\n",
+            "jupyterhub_prefix = \"j*\"\n",
+            "entrypoint = \"\"\n",
+            "password_file = \"/nonexistent/redis.password\"\n",
+        ] {
+            let text = format!("[routes]\nbackend = \"traefik-redis\"\n[traefik_redis]\n{bad}");
+            assert!(settings(&text).is_err(), "{bad}");
         }
     }
 }
