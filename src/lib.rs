@@ -7,6 +7,7 @@
 //! - `record`   the domain record of one issued tunnel (no dependencies of its own)
 //! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam; the
 //!   registry's journal
+//! - `port_range` the hub port range, a domain type whose invariant lives in its constructor
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `fdstore`  systemd: READY=1, and the descriptor store that keeps reserved ports across restarts
 //! - `reservation` a port reserved for a tunnel being issued; dropping it frees the port
@@ -60,6 +61,7 @@ pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod names;
+pub mod port_range;
 pub mod ports;
 pub mod preauth;
 pub mod record;

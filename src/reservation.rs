@@ -65,7 +65,7 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PortRange;
+    use crate::port_range::PortRange;
 
     #[test]
     fn a_dropped_reservation_frees_its_port_and_a_taken_one_does_not() {

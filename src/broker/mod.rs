@@ -135,7 +135,12 @@ impl Broker {
         metrics
             .ports_total
             .set(i64::try_from(config.tunnels.ports.len().get()).unwrap_or(i64::MAX));
-        let routes = crate::routes::from_config(&config, tunnel_host.clone(), metrics.clone())?;
+        let routes = crate::routes::build(
+            config.route_sections(),
+            config.tunnels.ports,
+            tunnel_host.clone(),
+            metrics.clone(),
+        )?;
         let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
         let sessions = Arc::new(Sessions::new(config.limits.liveness_probe_timeout));
         let authority = Authority::load(&config.ssh)?;

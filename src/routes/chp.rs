@@ -17,8 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use super::ChpConfig;
 use super::{BaseUrl, BoxFuture, Listing, Owner, RouteBackend, RouteEntry, RoutePath, Target};
-use crate::config::ChpConfig;
 use crate::keys::read_secret_file;
 use crate::secret::Secret;
 

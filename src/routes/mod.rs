@@ -30,15 +30,16 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::config::PortRange;
 use crate::metrics::Metrics;
 use crate::names::NameError;
+use crate::port_range::PortRange;
 
 pub mod chp;
 mod entry;
 #[cfg(test)]
 mod fake;
 mod reconcile;
+mod sections;
 mod settings;
 #[cfg(test)]
 mod tests;
@@ -46,7 +47,8 @@ mod traefik_keys;
 pub mod traefik_redis;
 
 pub use entry::{BaseUrl, Owner, RouteEntry, RoutePath, Target};
-pub use settings::{Settings, from_config};
+pub use sections::{ChpConfig, RouteBackendKind, RoutesConfig};
+pub use settings::{Sections, Settings, build};
 
 /// A boxed future, for the object-safe backend trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -26,9 +26,9 @@ use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use super::ChpConfig;
 use super::traefik_keys::{self, Layout};
 use super::{BaseUrl, BoxFuture, Listing, RouteBackend, RouteEntry, RoutePath};
-use crate::config::ChpConfig;
 use crate::keys::read_secret_file;
 use crate::secret::Secret;
 
