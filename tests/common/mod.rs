@@ -21,6 +21,7 @@
 
 mod broker;
 mod chp;
+mod daemon;
 mod net;
 mod process;
 mod redis;

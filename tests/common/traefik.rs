@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tokio::process::{Child, Command};
 
+use super::daemon::start_answering;
 use super::eventually;
 use super::net::free_port;
 use super::redis::Redis;
@@ -87,29 +87,17 @@ impl Traefik {
         );
         let file = self.dir.path().join("traefik.toml");
         std::fs::write(&file, config)?;
-        let mut child = Command::new(traefik_bin()?)
-            .arg(format!("--configfile={}", file.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting traefik")?;
+        let mut cmd = Command::new(traefik_bin()?);
+        cmd.arg(format!("--configfile={}", file.display()));
         let http = reqwest::Client::new();
         let (api, web) = (self.api, self.web);
-        // Some(true): serving the sentinel from Redis; Some(false): exited (a port was taken); None: not yet.
-        let up = eventually(&format!("traefik answers on {api}"), async || {
-            if child.try_wait()?.is_some() {
-                return anyhow::Ok(Some(false));
-            }
+        // Answering means serving the sentinel from Redis.
+        self.child = start_answering(cmd, &format!("traefik on {api}"), async || {
             let r = http.get(format!("http://{web}/sentinel")).send().await;
-            Ok(r.is_ok_and(|r| r.status().is_success()).then_some(true))
+            r.is_ok_and(|r| r.status().is_success())
         })
         .await?;
-        if up {
-            self.child = Some(child);
-        }
-        Ok(up)
+        Ok(self.child.is_some())
     }
 
     /// GET through the route entrypoint; returns status and body.
