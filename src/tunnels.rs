@@ -99,8 +99,21 @@ impl Tunnels {
     }
 
     /// Starts serving `grant`'s port. `listener` is its reservation, or why the port could
-    /// not be bound (it is then retried in the background).
-    pub fn start(&self, grant: Arc<Grant>, listener: Result<std::net::TcpListener, PoolError>) {
+    /// not be bound (it is then retried in the background). A grant that has ended by now
+    /// (revoked while it was being issued) is not started: its listener closes and its port
+    /// goes back, and false is returned. The check and the start hold the map entry, which
+    /// `close` needs too, so an end either sees the tunnel or the tunnel sees the end.
+    pub fn start(
+        &self,
+        grant: Arc<Grant>,
+        listener: Result<std::net::TcpListener, PoolError>,
+    ) -> bool {
+        let entry = self.map.entry(grant.id().to_owned());
+        if grant.ended().is_some() {
+            drop(listener);
+            self.ports.release(grant.port());
+            return false;
+        }
         let (link, link_rx) = watch::channel(None);
         let (listener, error) = match listener {
             Ok(l) => (Some(l), None),
@@ -140,13 +153,25 @@ impl Tunnels {
         let span =
             info_span!("tunnel", id = %grant.id(), user = %grant.user(), port = grant.port());
         self.loops.spawn(task.run(listener).instrument(span));
-        self.map.insert(grant.id().to_owned(), tunnel);
+        entry.insert(tunnel);
+        true
     }
 
     /// Links `link`'s session to tunnel `id` and returns the port; a session that held it
     /// before is disconnected (a reconnecting job wins over its own stale connection).
-    pub fn attach(&self, id: &str, link: Arc<Link>) -> Result<u16, ForwardRefusal> {
+    /// `linked` runs under the tunnel's link lock, the same lock `detach` runs `unlinked`
+    /// under, so watchers learn of links and unlinks in the order they happened; and while
+    /// the map entry is held, so an end (`close`) comes after it.
+    pub fn attach(
+        &self,
+        id: &str,
+        link: Arc<Link>,
+        linked: impl FnOnce(u16),
+    ) -> Result<u16, ForwardRefusal> {
         let tunnel = self.map.get(id).ok_or(ForwardRefusal::Ended)?;
+        if tunnel.grant.ended().is_some() {
+            return Err(ForwardRefusal::Ended);
+        }
         if !tunnel.listening.load(Ordering::Acquire) {
             return Err(ForwardRefusal::PortUnavailable {
                 port: tunnel.grant.port(),
@@ -154,7 +179,12 @@ impl Tunnels {
             });
         }
         let new_id = link.session.id;
-        let previous = tunnel.link.send_replace(Some(link));
+        let port = tunnel.grant.port();
+        let mut previous = None;
+        tunnel.link.send_modify(|slot| {
+            previous = slot.replace(link);
+            linked(port);
+        });
         match previous {
             Some(old) if old.session.id != new_id => {
                 // The credential's newer session already won the login, and the claim told the
@@ -168,17 +198,22 @@ impl Tunnels {
             Some(_) => {}
             None => self.metrics.tunnels_connected.inc(),
         }
-        Ok(tunnel.grant.port())
+        Ok(port)
     }
 
-    /// Unlinks session `session_id` from tunnel `id`, if it still holds it.
-    pub fn detach(&self, id: &str, session_id: u64) -> bool {
+    /// Unlinks session `session_id` from tunnel `id`, if it still holds it; `unlinked` then
+    /// runs under the link lock (see `attach`).
+    pub fn detach(&self, id: &str, session_id: u64, unlinked: impl FnOnce()) -> bool {
         let Some(tunnel) = self.map.get(id) else {
             return false;
         };
+        let mut unlinked = Some(unlinked);
         let detached = tunnel.link.send_if_modified(|slot| {
             if slot.as_ref().is_some_and(|l| l.session.id == session_id) {
                 *slot = None;
+                if let Some(f) = unlinked.take() {
+                    f();
+                }
                 true
             } else {
                 false

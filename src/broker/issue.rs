@@ -58,7 +58,16 @@ pub enum IssueError {
 
 impl Broker {
     /// Issues a tunnel: validates, reserves a port, persists, then starts serving the port.
+    /// It runs in its own task, so a caller that goes away (a closed admin connection, the
+    /// shutdown's grace) cannot stop it between the store write and the tunnel's start.
     pub async fn issue(&self, req: IssueRequest) -> Result<Issued, IssueError> {
+        let this = self.clone();
+        tokio::spawn(async move { this.issue_now(req).await })
+            .await
+            .map_err(|e| IssueError::Store(anyhow::anyhow!("issue task: {e}")))?
+    }
+
+    async fn issue_now(&self, req: IssueRequest) -> Result<Issued, IssueError> {
         crate::names::check_user(&req.user).map_err(|e| IssueError::BadRequest(e.to_string()))?;
         crate::names::check_server(&req.server_name)
             .map_err(|e| IssueError::BadRequest(e.to_string()))?;

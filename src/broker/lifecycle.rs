@@ -40,7 +40,12 @@ impl Broker {
         let Some(grant) = self.inner.registry.get(id) else {
             return Ok(false);
         };
-        self.end(&grant, EndReason::Revoked).await?;
+        // In its own task, so a caller that goes away (a closed admin connection) cannot stop
+        // it half-way.
+        let this = self.clone();
+        tokio::spawn(async move { this.end(&grant, EndReason::Revoked).await })
+            .await
+            .context("revoke task")??;
         Ok(true)
     }
 
@@ -52,8 +57,10 @@ impl Broker {
         recorded
     }
 
-    /// Ends expired tunnels and forgets ended ones past retention.
+    /// Records ends the store missed, ends expired tunnels and forgets ended ones past
+    /// retention.
     pub async fn reap(&self) {
+        self.inner.registry.record_ends().await;
         let now = unix_now();
         let retention = self.inner.config.tunnels.retention.as_secs();
         for grant in self.inner.registry.all() {

@@ -38,7 +38,11 @@ pub enum RenewError {
 impl Broker {
     /// Renews tunnel `id` for `ttl` (the lifetime asked at issue when None): see `lease`.
     pub async fn renew(&self, id: &str, ttl: Option<Duration>) -> Result<Arc<Grant>, RenewError> {
-        let result = self.try_renew(id, ttl).await;
+        // In its own task, so a caller that goes away cannot stop it between store and memory.
+        let (this, owned) = (self.clone(), id.to_owned());
+        let result = tokio::spawn(async move { this.try_renew(&owned, ttl).await })
+            .await
+            .unwrap_or_else(|e| Err(RenewError::Store(anyhow::anyhow!("renew task: {e}"))));
         let label = match &result {
             Ok(_) => "ok",
             Err(RenewError::Store(_)) => "error",

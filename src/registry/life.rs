@@ -1,16 +1,15 @@
-//! The registry's changes: issue, restore, renewal, end, purge. Each is journalled and told to
-//! the watchers from here, and each leaves nothing half-done when it fails.
+//! The registry's changes after issue: issue itself, renewal, end, purge. Each is journalled and
+//! told to the watchers from here, and each leaves nothing half-done when it fails. Restoring at
+//! start is `restore.rs`.
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use tracing::warn;
 
 use super::Registry;
 use super::events::{Change, write};
-use crate::audit::Event;
 use crate::grants::{Grant, Grants};
-use crate::record::{EndReason, Ended, TunnelRecord};
+use crate::record::{EndReason, Ended};
 use crate::reservation::Reservation;
 
 /// Why an issue did not happen; nothing of it remains.
@@ -24,23 +23,14 @@ pub enum IssueFailure {
     Store(anyhow::Error),
 }
 
-/// What a restore found.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Restored {
-    /// Tunnels served again.
-    pub active: usize,
-    /// Ended tunnels kept for their retention.
-    pub ended: usize,
-}
-
 /// A grant in the index until `keep`; dropped before that, it leaves the index again.
-struct Indexed<'a> {
+pub(super) struct Indexed<'a> {
     grants: &'a Grants,
     id: Option<String>,
 }
 
 impl Indexed<'_> {
-    fn keep(mut self) {
+    pub(super) fn keep(mut self) {
         self.id = None;
     }
 }
@@ -54,7 +44,7 @@ impl Drop for Indexed<'_> {
 }
 
 impl Registry {
-    fn index(&self, grant: &Arc<Grant>) -> Option<Indexed<'_>> {
+    pub(super) fn index(&self, grant: &Arc<Grant>) -> Option<Indexed<'_>> {
         self.grants.insert(Arc::clone(grant)).ok()?;
         Some(Indexed {
             grants: &self.grants,
@@ -63,71 +53,26 @@ impl Registry {
     }
 
     /// Issues `grant` on the port `reservation` holds: indexed, recorded by the journal, then
-    /// served. On any failure both guards drop, so the key and the port are free again.
+    /// served. On any failure both guards drop, so the key and the port are free again. The
+    /// grant's write lock is held throughout, so a revoke that finds it in the index meanwhile
+    /// is journalled after the issue, and the tunnel is not started (`Tunnels::start`).
     pub async fn issue(
         &self,
         grant: Arc<Grant>,
         reservation: Reservation,
     ) -> Result<(), IssueFailure> {
         let indexed = self.index(&grant).ok_or(IssueFailure::DuplicateKey)?;
+        let _writes = grant.writes().lock().await;
         let change = Change::Issued(grant.to_record());
         write(&self.journal, change.clone())
             .await
             .map_err(IssueFailure::Store)?;
-        let listener = reservation.into_listener();
         indexed.keep();
-        self.tunnels.start(grant, Ok(listener));
+        self.tunnels
+            .start(Arc::clone(&grant), Ok(reservation.into_listener()));
         self.tell(&change);
         self.update_port_gauge();
         Ok(())
-    }
-
-    /// Loads stored records at start: ends those whose deadline passed while the broker was
-    /// down, forgets ended ones past `retention` seconds, and serves the rest on their ports.
-    pub async fn restore(
-        &self,
-        records: Vec<TunnelRecord>,
-        now: u64,
-        retention: u64,
-    ) -> anyhow::Result<Restored> {
-        let mut restored = Restored::default();
-        for mut record in records {
-            if record.ended.is_none() && now >= record.deadline() {
-                record.ended = Some(Ended {
-                    at: record.deadline(),
-                    reason: EndReason::Expired,
-                });
-                Event::ExpiredWhileDown { record: &record }.record(&self.metrics);
-                write(&self.journal, Change::Ended(record.clone())).await?;
-            }
-            if let Some(ended) = record.ended {
-                if ended.at.saturating_add(retention) <= now {
-                    write(&self.journal, Change::Purged { id: record.id }).await?;
-                } else if self.grants.insert(Arc::new(Grant::new(record))).is_ok() {
-                    restored.ended += 1;
-                } else {
-                    warn!("duplicate key in stored ended tunnel; skipped");
-                }
-                continue;
-            }
-            // On failure the tunnel logs why (audit) and retries the bind in the background.
-            let listener = self.ports.reserve_exact(record.port);
-            if listener.is_err() {
-                self.ports.mark_reserved(record.port);
-            }
-            let grant = Arc::new(Grant::new(record));
-            let Some(indexed) = self.index(&grant) else {
-                warn!(tunnel = %grant.id(), "duplicate key in stored tunnel; skipped");
-                self.ports.release(grant.port());
-                continue;
-            };
-            indexed.keep();
-            self.tell(&Change::Issued(grant.to_record()));
-            self.tunnels.start(grant, listener);
-            restored.active += 1;
-        }
-        self.update_port_gauge();
-        Ok(restored)
     }
 
     /// Records a renewal to `expires_at` made at `renewed_at`, then applies it. The caller
@@ -150,8 +95,9 @@ impl Registry {
 
     /// Ends `grant` for `reason`: its tunnel closes (the port is freed once its listener is
     /// closed), watchers learn of it (its session is told to go, its route is withdrawn), then
-    /// the journal records it. None when it had already ended. The end holds in memory even
-    /// when the journal fails; the error says so.
+    /// the journal records it: the one change told before it is recorded, because an end
+    /// must hold at once. None when it had already ended. The end holds in memory even when
+    /// the journal fails; the error says so, and `record_ends` writes it again later.
     pub async fn end(
         &self,
         grant: &Arc<Grant>,
@@ -162,17 +108,41 @@ impl Registry {
             return None;
         }
         self.tunnels.close(grant.id());
-        let change = Change::Ended(grant.to_record());
-        self.tell(&change);
+        self.tell(&Change::Ended(grant.to_record()));
         self.update_port_gauge();
-        // After a renewal in flight has stored its record, so this end is the last write.
+        Some(self.record_end(grant).await)
+    }
+
+    async fn record_end(&self, grant: &Grant) -> anyhow::Result<()> {
+        // After a renewal or an issue in flight has stored its record, so this end is the last
+        // write.
         let _writes = grant.writes().lock().await;
-        let change = Change::Ended(grant.to_record());
-        Some(
-            write(&self.journal, change)
-                .await
-                .context("the tunnel is ended in memory, but the state store could not record it"),
-        )
+        let written = write(&self.journal, Change::Ended(grant.to_record())).await;
+        if written.is_ok() {
+            self.unrecorded.remove(grant.id());
+        } else {
+            // Else a restart would serve the tunnel again, maybe on a port given away since.
+            self.unrecorded.insert(grant.id().to_owned());
+        }
+        written.context("the tunnel is ended in memory, but the state store could not record it")
+    }
+
+    /// Writes again every end the journal failed to record; returns how many are still
+    /// missing.
+    pub async fn record_ends(&self) -> usize {
+        let pending: Vec<String> = self.unrecorded.iter().map(|id| id.clone()).collect();
+        for id in pending {
+            match self.grants.get(&id) {
+                Some(grant) => {
+                    // A failure stays in the set for the next call.
+                    let _ = self.record_end(&grant).await;
+                }
+                None => {
+                    self.unrecorded.remove(&id);
+                }
+            }
+        }
+        self.unrecorded.len()
     }
 
     /// Forgets ended tunnel `id`, once the journal has: a failure keeps it (retried later), so
@@ -181,6 +151,7 @@ impl Registry {
         let change = Change::Purged { id: id.to_owned() };
         write(&self.journal, change.clone()).await?;
         self.grants.remove(id);
+        self.unrecorded.remove(id);
         self.tell(&change);
         Ok(())
     }

@@ -21,9 +21,11 @@ use crate::tunnels::{CarryLimits, LiveStatus, Tunnels};
 
 mod events;
 mod life;
+mod restore;
 
 pub use events::{Change, Journal, StoreJournal, Watcher};
-pub use life::{IssueFailure, Restored};
+pub use life::IssueFailure;
+pub use restore::Restored;
 
 /// Every tunnel the broker knows, active or ended but retained.
 pub struct Registry {
@@ -33,6 +35,8 @@ pub struct Registry {
     journal: Arc<dyn Journal>,
     watchers: Vec<Arc<dyn Watcher>>,
     metrics: Metrics,
+    /// Ended tunnels whose end the journal has not recorded yet (`record_ends` retries).
+    unrecorded: dashmap::DashSet<String>,
 }
 
 impl Registry {
@@ -52,6 +56,7 @@ impl Registry {
             journal,
             watchers,
             metrics,
+            unrecorded: dashmap::DashSet::new(),
         }
     }
 
@@ -94,26 +99,24 @@ impl Registry {
     }
 
     /// Links `link`'s session to `grant`'s tunnel and returns the port; its route is wanted
-    /// from now on.
+    /// from now on. Refused once the grant has ended.
     pub fn link(&self, grant: &Grant, link: Arc<Link>) -> Result<u16, ForwardRefusal> {
-        let port = self.tunnels.attach(grant.id(), link)?;
-        self.tell(&Change::Linked {
-            id: grant.id().to_owned(),
-            user: grant.user().to_owned(),
-            server_name: grant.server_name().to_owned(),
-            port,
-        });
-        Ok(port)
+        self.tunnels.attach(grant.id(), link, |port| {
+            self.tell(&Change::Linked {
+                id: grant.id().to_owned(),
+                user: grant.user().to_owned(),
+                server_name: grant.server_name().to_owned(),
+                port,
+            });
+        })
     }
 
     /// Unlinks session `session_id` from tunnel `id`; false when a newer session had already
     /// taken it over (its route stays wanted).
     pub fn unlink(&self, id: &str, session_id: u64) -> bool {
-        let detached = self.tunnels.detach(id, session_id);
-        if detached {
+        self.tunnels.detach(id, session_id, || {
             self.tell(&Change::Unlinked { id: id.to_owned() });
-        }
-        detached
+        })
     }
 
     /// Closes every tunnel listener for shutdown (grants stay issued, ports stay reserved for

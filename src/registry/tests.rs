@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::grants::test_grant;
-use crate::record::EndReason;
+use crate::grants::{Grant, test_grant};
+use crate::record::{EndReason, TunnelRecord};
 use crate::reservation::Reservation;
 
 #[derive(Default)]
@@ -14,6 +14,8 @@ struct Log {
     fail: AtomicBool,
     journal: Mutex<Vec<String>>,
     watched: Mutex<Vec<String>>,
+    /// When set, recording an issue waits for a message on it.
+    gate: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 fn name(change: &Change) -> String {
@@ -31,6 +33,11 @@ struct J(Arc<Log>);
 impl Journal for J {
     fn record(&self, change: &Change) -> anyhow::Result<()> {
         assert!(change.durable(), "live-only change journalled: {change:?}");
+        if let Change::Issued(_) = change
+            && let Some(gate) = self.0.gate.lock().unwrap().take()
+        {
+            gate.recv().unwrap();
+        }
         if self.0.fail.load(Ordering::SeqCst) {
             anyhow::bail!("disk full");
         }
@@ -126,4 +133,103 @@ async fn every_change_is_journalled_before_watchers_hear_of_it_in_order() {
             "purged a"
         ]
     );
+}
+
+#[tokio::test]
+async fn an_end_the_journal_missed_is_recorded_later() {
+    let (r, ports, log) = registry([127, 203, 78, 3]);
+    let grant = test_grant("a", "fpA", u64::MAX);
+    r.issue(Arc::clone(&grant), Reservation::take(&ports).unwrap())
+        .await
+        .unwrap();
+    log.fail.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        r.end(&grant, EndReason::Revoked, 10).await,
+        Some(Err(_))
+    ));
+    assert_eq!(
+        r.record_ends().await,
+        1,
+        "still missing while the store fails"
+    );
+    log.fail.store(false, Ordering::SeqCst);
+    assert_eq!(r.record_ends().await, 0);
+    assert_eq!(
+        *log.journal.lock().unwrap(),
+        ["issued a", "ended a Some(Revoked)"]
+    );
+}
+
+#[tokio::test]
+async fn a_revoke_during_the_issue_write_is_recorded_after_it_and_nothing_is_served() {
+    let (r, ports, log) = registry([127, 203, 78, 4]);
+    let (open, gate) = std::sync::mpsc::channel();
+    *log.gate.lock().unwrap() = Some(gate);
+    let r = Arc::new(r);
+    let reservation = Reservation::take(&ports).unwrap();
+    let grant = Arc::new(Grant::new(TunnelRecord {
+        port: reservation.port(),
+        ..test_grant("a", "fpA", u64::MAX).to_record()
+    }));
+    let issuing = tokio::spawn({
+        let (r, grant) = (Arc::clone(&r), Arc::clone(&grant));
+        async move { r.issue(grant, reservation).await }
+    });
+    // The grant is in the index while its record is being written: a revoke can find it.
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        while r.get("a").is_none() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(found.is_ok());
+    let ending = tokio::spawn({
+        let (r, grant) = (Arc::clone(&r), Arc::clone(&grant));
+        async move {
+            r.end(&grant, EndReason::Revoked, 10)
+                .await
+                .map(|w| w.is_ok())
+        }
+    });
+    // The end is in memory at once; its record waits for the issue's.
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while grant.ended().is_none() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(ended.is_ok());
+    open.send(()).unwrap();
+    issuing.await.unwrap().unwrap();
+    assert_eq!(ending.await.unwrap(), Some(true));
+    assert!(r.status("a").is_none(), "an ended grant is never served");
+    assert_eq!(ports.free(), 2, "its port went back");
+    assert_eq!(
+        *log.journal.lock().unwrap(),
+        ["issued a", "ended a Some(Revoked)"]
+    );
+}
+
+#[tokio::test]
+async fn two_stored_tunnels_on_one_port_restore_as_the_newer_one_and_end_the_older() {
+    let (r, ports, log) = registry([127, 203, 78, 5]);
+    let record = |id: &str, fp: &str, created_at| TunnelRecord {
+        created_at,
+        port: 41100,
+        ..test_grant(id, fp, u64::MAX).to_record()
+    };
+    let restored = r
+        .restore(
+            vec![record("old", "fpO", 1), record("new", "fpN", 2)],
+            100,
+            3600,
+        )
+        .await
+        .unwrap();
+    assert_eq!((restored.active, restored.ended), (1, 1));
+    assert!(r.status("new").is_some());
+    assert!(r.status("old").is_none());
+    assert!(r.get("old").unwrap().ended().is_some());
+    assert_eq!(*log.journal.lock().unwrap(), ["ended old Some(Revoked)"]);
+    assert_eq!(ports.free(), 1);
 }
