@@ -35,6 +35,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Threads.
     pub runtime: RuntimeConfig,
+    /// Where tunnel records live: the embedded file, or Redis for an active/standby pair.
+    pub store: crate::store::StoreConfig,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             chp: ChpConfig::default(),
             limits: LimitsConfig::default(),
             runtime: RuntimeConfig::default(),
+            store: crate::store::StoreConfig::default(),
         }
     }
 }
