@@ -6,7 +6,7 @@
 //! - `keys`     keys folder: host key and admin token, permissions
 //! - `record`   the domain record of one issued tunnel (no dependencies of its own)
 //! - `store`    the crash-safe record of issued tunnels (redb, or Redis for a pair), behind
-//!   the `Store` seam; `[store]` in `store::settings`
+//!   the `Store` seam; the registry's journal; `[store]` in `store::settings`
 //! - `standby`  an active/standby pair on one Redis: the lease, its renewal, what losing it does
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `fdstore`  systemd: READY=1, and the descriptor store that keeps reserved ports across restarts
@@ -24,7 +24,9 @@
 //! - `routes`   the typed route, the backend seam, the wanted set and its reconcile worker;
 //!   `routes::chp` is configurable-http-proxy's REST API as a backend
 //! - `names`    which JupyterHub user and server names are accepted (route-safe)
-//! - `broker`   issue / revoke / expire, keeping the above in step
+//! - `registry` the one owner of every tunnel's life: grant + live tunnel per id, typed changes
+//!   that the journal (store) records and the watchers (routes, sessions) follow
+//! - `broker`   the façade the admin API and the SSH edge call: decides, then asks the registry
 //! - `ssh`      the SSH accept loop, limits and per-connection lifecycle
 //! - `transport` the session's socket: cut from outside (revoke, expiry), quick ACKs at login
 //! - `handler`  the thin russh handler: logins, the one forward, refusals
@@ -62,6 +64,7 @@ pub mod names;
 pub mod ports;
 pub mod preauth;
 pub mod record;
+pub mod registry;
 pub mod reload;
 pub mod reservation;
 pub mod routes;

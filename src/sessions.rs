@@ -221,3 +221,16 @@ impl Sessions {
         self.by_grant.is_empty()
     }
 }
+
+/// An ended credential's one live login is told to go, whether it holds the forward or not.
+impl crate::registry::Watcher for Sessions {
+    fn changed(&self, change: &crate::registry::Change) {
+        if let crate::registry::Change::Ended(record) = change {
+            let reason = match record.ended.map(|e| e.reason) {
+                Some(crate::record::EndReason::Expired) => "credential expired",
+                _ => "credential revoked",
+            };
+            self.close(&record.id, reason);
+        }
+    }
+}

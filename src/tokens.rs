@@ -24,13 +24,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::Response;
-use tracing::warn;
+use axum::http::Method;
 
-use crate::admin::{AdminState, error};
 use crate::secret::Secret;
 
 /// File name prefix and suffix of a spawner token.
@@ -45,54 +40,6 @@ pub enum Scope {
     Admin,
     /// Issue, list, show, renew and revoke tunnels; nothing else.
     Spawner,
-}
-
-/// The admin API's authorization layer: the admin token may call anything, a spawner token
-/// what `spawner_may` allows (else 403), anything else is 401.
-pub async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| crate::secret::Secret::new(t.trim()));
-    let Some(token) = presented else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing 'Authorization: Bearer <admin token>'",
-        );
-    };
-    if state.broker.admin_token().matches(token.expose()) {
-        return next.run(req).await;
-    }
-    let dir = state.broker.config().tokens_dir();
-    let (tokens, refused) = tokio::task::spawn_blocking(move || load_spawner_tokens(&dir))
-        .await
-        .unwrap_or_default();
-    // Every token is compared (no early exit), so the timing does not tell which one is close.
-    let spawner = tokens
-        .iter()
-        .fold(false, |hit, t| hit | t.matches(token.expose()));
-    if !spawner {
-        if !refused.is_empty() {
-            warn!(
-                ?refused,
-                "spawner token files refused; fix their permissions"
-            );
-        }
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "wrong admin token (and not a spawner token)",
-        );
-    }
-    if spawner_may(req.method(), req.uri().path()) {
-        next.run(req).await
-    } else {
-        error(
-            StatusCode::FORBIDDEN,
-            "a spawner token may only issue, list, show, renew and revoke tunnels",
-        )
-    }
 }
 
 /// Whether a spawner token may make this request (the table in the module doc). Anything not

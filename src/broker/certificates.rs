@@ -73,7 +73,7 @@ impl Broker {
         }
         let mut waiting = self
             .inner
-            .grants
+            .registry
             .certificate_tunnels(&login.user, unix_now());
         let grant = if port == 0 {
             waiting.retain(|g| !self.inner.sessions.holds(g.id()));

@@ -1,5 +1,5 @@
-//! Issuing a tunnel: checks, key material, the port reservation, the record stored before the
-//! answer. Every failure after the reservation drops it, which frees the port.
+//! Issuing a tunnel: checks, key material, the port reservation; the registry records it before
+//! the answer. Every failure after the reservation drops it, which frees the port.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use crate::credentials::AuthKind;
 use crate::grants::Grant;
 use crate::ports::PoolError;
 use crate::record::{TunnelRecord, unix_now};
+use crate::registry::IssueFailure;
 use crate::reservation::Reservation;
 use crate::secret::Secret;
 
@@ -110,22 +111,18 @@ impl Broker {
             lease_seconds,
             renewed_at: None,
         };
-        let grant = Arc::new(Grant::new(record.clone()));
-        if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
-            return Err(IssueError::BadRequest(
-                "this public key is already used by another tunnel".into(),
-            ));
-        }
-        if let Err(e) = self.persist(record).await {
-            self.inner.grants.remove(grant.id());
-            error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
-            return Err(IssueError::Store(e));
-        }
-        let listener = reservation
-            .into_listener()
-            .ok_or_else(|| IssueError::Store(anyhow::anyhow!("port reservation lost")))?;
-        self.inner.tunnels.start(Arc::clone(&grant), Ok(listener));
-        self.update_port_gauge();
+        let grant = Arc::new(Grant::new(record));
+        self.inner
+            .registry
+            .issue(Arc::clone(&grant), reservation)
+            .await
+            .map_err(|e| match e {
+                IssueFailure::DuplicateKey => IssueError::BadRequest(e.to_string()),
+                IssueFailure::Store(e) => {
+                    error!(error = %format!("{e:#}"), "issue failed: state store unwritable");
+                    IssueError::Store(e)
+                }
+            })?;
         self.audit(Event::Issued {
             grant: &grant,
             generated_key: private_key.is_some(),

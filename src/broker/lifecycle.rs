@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::Broker;
 use crate::audit::Event;
 use crate::grants::Grant;
-use crate::record::{EndReason, Ended, unix_now};
+use crate::record::{EndReason, unix_now};
 
 impl Broker {
     pub(super) async fn restore(&self) -> anyhow::Result<()> {
@@ -19,49 +19,17 @@ impl Broker {
         let records = tokio::task::spawn_blocking(move || store.load())
             .await
             .context("loading state")??;
-        let now = unix_now();
-        let (mut active, mut kept) = (0, 0);
-        for mut record in records {
-            if record.ended.is_none() && now >= record.deadline() {
-                record.ended = Some(Ended {
-                    at: record.deadline(),
-                    reason: EndReason::Expired,
-                });
-                self.audit(Event::ExpiredWhileDown { record: &record });
-                self.persist(record.clone()).await?;
-            }
-            if let Some(ended) = record.ended {
-                if ended
-                    .at
-                    .saturating_add(self.inner.config.tunnels.retention.as_secs())
-                    <= now
-                {
-                    self.unpersist(record.id.clone()).await?;
-                } else {
-                    kept += 1;
-                    let grant = Arc::new(Grant::new(record));
-                    if self.inner.grants.insert(grant).is_err() {
-                        warn!("duplicate key in stored ended tunnel; skipped");
-                    }
-                }
-                continue;
-            }
-            // On failure the tunnel logs why (audit) and retries the bind in the background.
-            let listener = self.inner.ports.reserve_exact(record.port);
-            if listener.is_err() {
-                self.inner.ports.mark_reserved(record.port);
-            }
-            let grant = Arc::new(Grant::new(record));
-            if self.inner.grants.insert(Arc::clone(&grant)).is_err() {
-                warn!(tunnel = %grant.id(), "duplicate key in stored tunnel; skipped");
-                self.inner.ports.release(grant.port());
-                continue;
-            }
-            self.inner.tunnels.start(grant, listener);
-            active += 1;
-        }
-        self.update_port_gauge();
-        info!(active, ended = kept, "state restored");
+        let retention = self.inner.config.tunnels.retention.as_secs();
+        let restored = self
+            .inner
+            .registry
+            .restore(records, unix_now(), retention)
+            .await?;
+        info!(
+            active = restored.active,
+            ended = restored.ended,
+            "state restored"
+        );
         Ok(())
     }
 
@@ -69,7 +37,7 @@ impl Broker {
     /// port. Revoking an ended tunnel is a no-op. The revocation holds in memory even when the
     /// store cannot record it; the error then says so.
     pub async fn revoke(&self, id: &str) -> Result<bool, anyhow::Error> {
-        let Some(grant) = self.inner.grants.get(id) else {
+        let Some(grant) = self.inner.registry.get(id) else {
             return Ok(false);
         };
         self.end(&grant, EndReason::Revoked).await?;
@@ -77,36 +45,18 @@ impl Broker {
     }
 
     pub(super) async fn end(&self, grant: &Arc<Grant>, reason: EndReason) -> anyhow::Result<()> {
-        if !grant.end(Ended {
-            at: unix_now(),
-            reason,
-        }) {
+        let Some(recorded) = self.inner.registry.end(grant, reason, unix_now()).await else {
             return Ok(());
-        }
-        let message = match reason {
-            EndReason::Revoked => "credential revoked",
-            EndReason::Expired => "credential expired",
         };
-        // The credential's one live login, whether it holds the forward or not.
-        self.inner.sessions.close(grant.id(), message);
-        self.inner.tunnels.close(grant.id());
-        if let Some(routes) = &self.inner.routes {
-            routes.unwant(grant.id());
-        }
-        self.update_port_gauge();
         self.audit(Event::Ended { grant, reason });
-        // After a renewal in flight has stored its record, so this end is the last write.
-        let _writes = grant.writes().lock().await;
-        self.persist(grant.to_record())
-            .await
-            .context("the tunnel is ended in memory, but the state store could not record it")
+        recorded
     }
 
     /// Ends expired tunnels and forgets ended ones past retention.
     pub async fn reap(&self) {
         let now = unix_now();
         let retention = self.inner.config.tunnels.retention.as_secs();
-        for grant in self.inner.grants.all() {
+        for grant in self.inner.registry.all() {
             match grant.ended() {
                 None if now >= grant.deadline() => {
                     if grant.deadline() < grant.expires_at() {
@@ -117,11 +67,9 @@ impl Broker {
                     }
                 }
                 Some(ended) if ended.at.saturating_add(retention) <= now => {
-                    match self.unpersist(grant.id().to_owned()).await {
-                        Ok(()) => {
-                            self.inner.grants.remove(grant.id());
-                        }
-                        // Kept in memory and retried next tick, so the record cannot outlive us on disk.
+                    // Kept in memory and retried next tick, so the record cannot outlive us on disk.
+                    match self.inner.registry.purge(grant.id()).await {
+                        Ok(()) => {}
                         Err(e) => {
                             error!(tunnel = %grant.id(), error = %format!("{e:#}"), "purge not persisted")
                         }

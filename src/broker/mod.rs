@@ -5,23 +5,23 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 
 use crate::audit::Event;
 use crate::config::Config;
 use crate::credentials::{Authority, CertLogin};
 use crate::fdstore::FdStore;
-use crate::grants::{AuthRefusal, ForwardRefusal, Grant, Grants, check_forward};
+use crate::grants::{AuthRefusal, ForwardRefusal, Grant, check_forward};
 use crate::keys::Keys;
 use crate::metrics::Metrics;
 use crate::ports::PortPool;
-use crate::record::{EndReason, TunnelRecord, unix_now};
+use crate::record::{EndReason, unix_now};
+use crate::registry::{Registry, StoreJournal, Watcher};
 use crate::routes::{RouteState, Routes};
 use crate::secret::Secret;
 use crate::sessions::{Claim, LiveSession, Sessions};
 use crate::store::Store;
-use crate::tunnels::{Link, LiveStatus, Tunnels};
+use crate::tunnels::{Link, LiveStatus};
 
 mod certificates;
 mod issue;
@@ -83,9 +83,8 @@ pub struct Broker {
 struct Inner {
     config: Config,
     keys: Keys,
-    grants: Grants,
-    tunnels: Tunnels,
-    sessions: Sessions,
+    registry: Registry,
+    sessions: Arc<Sessions>,
     ports: Arc<PortPool>,
     store: Arc<dyn Store>,
     metrics: Metrics,
@@ -132,7 +131,6 @@ impl Broker {
             max_connections: u64::try_from(config.limits.max_connections_per_tunnel)
                 .unwrap_or(u64::MAX),
         };
-        let tunnels = Tunnels::new(Arc::clone(&ports), metrics.clone(), carry);
         let ssh_port = config.ssh_public_port(ssh_addr);
         let tunnel_host = config.tunnel_host()?;
         metrics
@@ -140,14 +138,25 @@ impl Broker {
             .set(i64::try_from(config.tunnels.ports.len().get()).unwrap_or(i64::MAX));
         let routes = crate::routes::from_config(&config, tunnel_host.clone(), metrics.clone())?;
         let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
-        let sessions = Sessions::new(config.limits.liveness_probe_timeout);
+        let sessions = Arc::new(Sessions::new(config.limits.liveness_probe_timeout));
         let authority = Authority::load(&config.ssh)?;
+        let mut watchers: Vec<Arc<dyn Watcher>> = vec![Arc::clone(&sessions) as Arc<dyn Watcher>];
+        if let Some(routes) = &routes {
+            watchers.push(Arc::new(routes.clone()));
+        }
+        let journal = Arc::new(StoreJournal(Arc::clone(&store)));
+        let registry = Registry::new(
+            Arc::clone(&ports),
+            metrics.clone(),
+            carry,
+            journal,
+            watchers,
+        );
         let broker = Self {
             inner: Arc::new(Inner {
                 config,
                 keys,
-                grants: Grants::default(),
-                tunnels,
+                registry,
                 sessions,
                 ports,
                 store,
@@ -228,9 +237,12 @@ impl Broker {
             return Err(AuthRefusal::HostKey);
         }
         let fingerprint = key.fingerprint(HashAlg::Sha256).to_string();
-        self.inner
-            .grants
-            .authenticate(&self.inner.config.ssh.user, user, &fingerprint, unix_now())
+        self.inner.registry.authenticate(
+            &self.inner.config.ssh.user,
+            user,
+            &fingerprint,
+            unix_now(),
+        )
     }
 
     /// Makes `session` the one live session of `grant`, unless a live holder answers (then the
@@ -298,26 +310,18 @@ impl Broker {
         if !grant.active_at(unix_now()) {
             return Err(ForwardRefusal::Ended);
         }
-        let port = self.inner.tunnels.attach(grant.id(), link)?;
-        if let Some(routes) = &self.inner.routes {
-            routes.want(grant.id(), grant.user(), grant.server_name(), port);
-        }
-        Ok(port)
+        self.inner.registry.link(grant, link)
     }
 
     /// Unlinks a session from its tunnel (session end or `cancel-tcpip-forward`); false when a
     /// newer session had already taken it over.
     pub fn unlink(&self, grant: &Grant, session_id: u64) -> bool {
-        let detached = self.inner.tunnels.detach(grant.id(), session_id);
-        if detached && let Some(routes) = &self.inner.routes {
-            routes.unwant(grant.id());
-        }
-        detached
+        self.inner.registry.unlink(grant.id(), session_id)
     }
 
     /// Closes every tunnel listener for shutdown (grants stay issued); waits at most `within`.
     pub async fn close_listeners(&self, within: Duration) -> bool {
-        self.inner.tunnels.close_listeners(within).await
+        self.inner.registry.close_listeners(within).await
     }
 
     /// The route worker, when route support is on.
@@ -337,11 +341,11 @@ impl Broker {
     pub fn list(&self) -> Vec<(Arc<Grant>, Option<LiveStatus>)> {
         let mut all: Vec<_> = self
             .inner
-            .grants
+            .registry
             .all()
             .into_iter()
             .map(|g| {
-                let live = self.inner.tunnels.status(g.id());
+                let live = self.inner.registry.status(g.id());
                 (g, live)
             })
             .collect();
@@ -355,27 +359,8 @@ impl Broker {
 
     /// One tunnel with its live status.
     pub fn get(&self, id: &str) -> Option<(Arc<Grant>, Option<LiveStatus>)> {
-        let grant = self.inner.grants.get(id)?;
-        let live = self.inner.tunnels.status(id);
+        let grant = self.inner.registry.get(id)?;
+        let live = self.inner.registry.status(id);
         Some((grant, live))
-    }
-
-    pub(super) fn update_port_gauge(&self) {
-        let free = i64::try_from(self.inner.ports.free()).unwrap_or(i64::MAX);
-        self.inner.metrics.ports_free.set(free);
-    }
-
-    pub(super) async fn persist(&self, record: TunnelRecord) -> anyhow::Result<()> {
-        let store = Arc::clone(&self.inner.store);
-        tokio::task::spawn_blocking(move || store.put(&record))
-            .await
-            .context("store task")?
-    }
-
-    pub(super) async fn unpersist(&self, id: String) -> anyhow::Result<()> {
-        let store = Arc::clone(&self.inner.store);
-        tokio::task::spawn_blocking(move || store.remove(&id))
-            .await
-            .context("store task")?
     }
 }

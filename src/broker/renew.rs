@@ -55,7 +55,7 @@ impl Broker {
     async fn try_renew(&self, id: &str, ttl: Option<Duration>) -> Result<Arc<Grant>, RenewError> {
         let grant = self
             .inner
-            .grants
+            .registry
             .get(id)
             .ok_or_else(|| RenewError::NotFound(id.to_owned()))?;
         let ended = |grant: &Grant| {
@@ -83,14 +83,15 @@ impl Broker {
             &self.inner.config.tunnels,
         )
         .map_err(RenewError::BadRequest)?;
-        let mut record = grant.to_record();
-        record.expires_at = renewal.expires_at;
-        record.renewed_at = Some(renewal.renewed_at);
-        if let Err(e) = self.persist(record).await {
+        if let Err(e) = self
+            .inner
+            .registry
+            .renew(&grant, renewal.expires_at, renewal.renewed_at)
+            .await
+        {
             error!(tunnel = %id, error = %format!("{e:#}"), "renewal failed: state store unwritable");
             return Err(RenewError::Store(e));
         }
-        grant.renewed(renewal.expires_at, renewal.renewed_at);
         // A revoke that landed while the record was written has already told its session.
         if let Some(e) = ended(&grant) {
             return Err(e);

@@ -285,3 +285,21 @@ impl Routes {
             && self.inner.range.contains(entry.target.port)
     }
 }
+
+/// The route worker follows the registry: a route is wanted while a session holds the forward.
+impl crate::registry::Watcher for Routes {
+    fn changed(&self, change: &crate::registry::Change) {
+        use crate::registry::Change;
+        match change {
+            Change::Linked {
+                id,
+                user,
+                server_name,
+                port,
+            } => self.want(id, user, server_name, *port),
+            Change::Unlinked { id } | Change::Purged { id } => self.unwant(id),
+            Change::Ended(record) => self.unwant(&record.id),
+            Change::Issued(_) | Change::Renewed(_) => {}
+        }
+    }
+}

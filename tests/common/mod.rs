@@ -5,6 +5,7 @@
 //! - `chp`     a real configurable-http-proxy (`Chp`)
 //! - `redis`   a real redis-server (`Redis`)
 //! - `net`     echo and HTTP backends, round trips, free ports
+//! - `systemd` systemd's notify socket and descriptor store (`FakeSystemd`)
 //! - `wait`    `eventually`, the one bounded poll every wait goes through
 //!
 //! Every wait is bounded by `WAIT`; nothing sleeps for readiness.
@@ -23,6 +24,7 @@ mod net;
 mod process;
 mod redis;
 mod ssh;
+mod systemd;
 mod wait;
 
 use std::net::IpAddr;
@@ -35,6 +37,7 @@ pub use net::{Echo, carries_nothing, echo, free_port, http_backend, roundtrip};
 pub use process::{BrokerProcess, Launching};
 pub use redis::{Redis, redis_server_bin};
 pub use ssh::{Ssh, job_args, keygen, ssh_args, ssh_run};
+pub use systemd::{FakeSystemd, Manager};
 pub use wait::{POLL, Probe, eventually};
 
 /// Upper bound for any single wait in the tests.

@@ -1110,20 +1110,8 @@ impl Encrypted {
                 let pubkey = match pk_or_cert {
                     PublicKeyOrCertificate::PublicKey { ref key, .. } => key.clone(),
                     PublicKeyOrCertificate::Certificate(ref cert) => {
-                        // Validate certificate expiration. The bounds are None
-                        // for OpenSSH's "always valid" sentinels (PROTOCOL.certkeys),
-                        // which skips the corresponding check.
-                        let now = SystemTime::now();
-                        if cert.valid_after_time().map(|t| now < t).unwrap_or_default()
-                            || cert
-                                .valid_before_time()
-                                .map(|t| now > t)
-                                .unwrap_or_default()
-                        {
-                            warn!("Certificate is expired or not yet valid");
-                            reject_auth_request(until, &mut self.write, auth_request).await?;
-                            return Ok(());
-                        }
+                        // The validity window is checked after the handler has seen the
+                        // certificate (below), so a server can log why it was refused.
 
                         // Verify the certificate’s signature
                         if cert.verify_signature().is_err() {
@@ -1226,7 +1214,25 @@ impl Encrypted {
                                     handler.auth_publickey(user, key).await?
                                 }
                                 PublicKeyOrCertificate::Certificate(ref cert) => {
-                                    handler.auth_openssh_certificate(user, cert).await?
+                                    let auth = handler.auth_openssh_certificate(user, cert).await?;
+                                    // Outside its validity window a certificate is refused
+                                    // whatever the handler said. The bounds are None for
+                                    // OpenSSH's "always valid" sentinels (PROTOCOL.certkeys).
+                                    let now = SystemTime::now();
+                                    let outside = cert
+                                        .valid_after_time()
+                                        .map(|t| now < t)
+                                        .unwrap_or_default()
+                                        || cert
+                                            .valid_before_time()
+                                            .map(|t| now > t)
+                                            .unwrap_or_default();
+                                    if auth == Auth::Accept && outside {
+                                        warn!("Certificate is expired or not yet valid");
+                                        Auth::reject()
+                                    } else {
+                                        auth
+                                    }
                                 }
                             };
 

@@ -49,6 +49,8 @@ use crate::credentials::AuthKind;
 use crate::grants::Grant;
 use crate::tunnels::LiveStatus;
 
+mod auth;
+
 /// Shared state of the admin handlers.
 #[derive(Clone)]
 pub struct AdminState {
@@ -66,7 +68,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/tunnels/{id}/renew", post(renew))
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::tokens::require_token,
+            auth::require_token,
         ));
     let body_timeout = state.broker.config().admin.body_timeout;
     Router::new()
