@@ -55,6 +55,7 @@ pub async fn acquire(
                     token = fence.token,
                     "lease taken: active"
                 );
+                status("active: holds the lease");
                 return Some((fence, started));
             }
             Ok(None) => {
@@ -62,6 +63,10 @@ pub async fn acquire(
                     let holder = lease.holder().await.ok().flatten().unwrap_or_default();
                     info!(broker = lease.id(), %holder, "standby: another broker holds the lease");
                     fds.release_unclaimed();
+                    // A standby is up and doing its job: `systemctl start` must not wait for
+                    // the lease (it may never come), so it says READY=1 now.
+                    crate::fdstore::notify_ready();
+                    status(&format!("standby: {holder} holds the lease"));
                     waiting = true;
                 }
             }
@@ -71,6 +76,13 @@ pub async fn acquire(
             () = &mut shutdown => return None,
             () = tokio::time::sleep(poll) => {}
         }
+    }
+}
+
+/// systemd's one-line status (`systemctl status`); nothing without a service manager.
+fn status(text: &str) {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Status(text)]) {
+        warn!(error = %e, "could not tell the service manager our status");
     }
 }
 
