@@ -225,6 +225,25 @@ mod tests {
     }
 
     #[test]
+    fn the_password_comes_from_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("redis.password");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = StoreConfig {
+            password_file: Some(path.clone()),
+            ..StoreConfig::default()
+        };
+        let err = format!("{:#}", config.connection_info().unwrap_err());
+        assert!(err.contains("too open") && !err.contains("s3cret"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let info = config.connection_info().unwrap();
+        assert_eq!(info.redis_settings().password(), Some("s3cret"));
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
     fn default_id_names_the_host_and_address() {
         let id = StoreConfig::default().broker_id("127.0.0.2:2222".parse().unwrap());
         assert!(id.ends_with("/127.0.0.2_2222"), "{id}");
