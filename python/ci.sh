@@ -38,6 +38,8 @@ echo "python: pip install setuptools, jupyterhub==6.1.1, jupyter_server, and ./p
 "${pip[@]}" install "setuptools>=77" wheel
 # jupyter_server is what jupyterhub-singleuser runs on; no JupyterLab is needed.
 "${pip[@]}" install "jupyterhub==6.1.1" "jupyter_server==2.21.1" "pytest>=7" "mypy>=1.5"
+# JupyterHub's own traefik proxy and its Redis client, for the traefik-redis route backend's e2e.
+"${pip[@]}" install "jupyterhub-traefik-proxy==2.1.0" "redis>=5,<8"
 # Without build isolation: the venv's setuptools builds it, so a rerun needs no download.
 "${pip[@]}" install --no-build-isolation "${here}[test]"
 rm -rf "$here/build" "$here"/*.egg-info

@@ -22,7 +22,7 @@ use std::sync::Mutex;
 
 use tracing::{info, warn};
 
-use crate::config::PortRange;
+use crate::port_range::PortRange;
 
 /// The name a reserved port's listener carries in the store.
 pub fn fd_name(port: u16) -> String {

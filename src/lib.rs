@@ -8,6 +8,7 @@
 //! - `store`    the crash-safe record of issued tunnels (redb, or Redis for a pair), behind
 //!   the `Store` seam; the registry's journal; `[store]` in `store::settings`
 //! - `standby`  an active/standby pair on one Redis: the lease, its renewal, what losing it does
+//! - `port_range` the hub port range, a domain type whose invariant lives in its constructor
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `fdstore`  systemd: READY=1, and the descriptor store that keeps reserved ports across restarts
 //! - `reservation` a port reserved for a tunnel being issued; dropping it frees the port
@@ -61,6 +62,7 @@ pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod names;
+pub mod port_range;
 pub mod ports;
 pub mod preauth;
 pub mod record;

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::PortRange;
 use crate::fdstore::FdStore;
+use crate::port_range::PortRange;
 
 /// Why no port could be reserved.
 #[derive(Debug, thiserror::Error)]

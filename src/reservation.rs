@@ -10,9 +10,18 @@ use crate::ports::{PoolError, PortPool};
 /// A reserved port and its listening socket, until its tunnel takes them.
 #[derive(Debug)]
 pub struct Reservation {
+    // Fields drop in order: the listener closes before the lease gives the port back, so the
+    // pool never hands out a port that is still bound.
+    listener: TcpListener,
+    lease: Lease,
+}
+
+/// Gives the port back when dropped, unless its tunnel took it over.
+#[derive(Debug)]
+struct Lease {
     pool: Arc<PortPool>,
     port: u16,
-    listener: Option<TcpListener>,
+    taken: bool,
 }
 
 impl Reservation {
@@ -20,28 +29,34 @@ impl Reservation {
     pub fn take(pool: &Arc<PortPool>) -> Result<Self, PoolError> {
         let (port, listener) = pool.reserve()?;
         Ok(Self {
-            pool: Arc::clone(pool),
-            port,
-            listener: Some(listener),
+            listener,
+            lease: Lease {
+                pool: Arc::clone(pool),
+                port,
+                taken: false,
+            },
         })
     }
 
     /// The reserved port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.lease.port
     }
 
     /// Hands the listener to its tunnel, which releases the port when it ends.
-    pub fn into_listener(mut self) -> Option<TcpListener> {
-        self.listener.take()
+    pub fn into_listener(self) -> TcpListener {
+        let Self {
+            listener,
+            mut lease,
+        } = self;
+        lease.taken = true;
+        listener
     }
 }
 
-impl Drop for Reservation {
+impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            // Closed before the port goes back, so the pool never hands out a bound port.
-            drop(listener);
+        if !self.taken {
             self.pool.release(self.port);
         }
     }
@@ -50,7 +65,7 @@ impl Drop for Reservation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::PortRange;
+    use crate::port_range::PortRange;
 
     #[test]
     fn a_dropped_reservation_frees_its_port_and_a_taken_one_does_not() {
@@ -62,7 +77,7 @@ mod tests {
         drop(first);
         assert_eq!(pool.free(), 2, "an issue that failed gives its port back");
         let kept = Reservation::take(&pool).unwrap();
-        let listener = kept.into_listener().unwrap();
+        let listener = kept.into_listener();
         assert_eq!(
             pool.free(),
             1,

@@ -159,19 +159,21 @@ def start_broker(
     admin_port: int = 0,
     ssh_host: str = "127.0.0.1",
     sections: Optional[Dict[str, str]] = None,
+    routes: str = "",
 ) -> Broker:
     """Run ``tunnelbot serve`` on 127.0.0.1 and wait (bounded) for its ready file.
 
     Ports 0 (the default) let the OS pick; a restart passes the ports (and ``workdir``, with the
     keys and state) of the broker it replaces. ``ssh_host``: where jobs dial in (a test's own
     namespace-facing address, for example). ``sections``: extra TOML lines per section
-    (``{"ssh": 'trusted_user_ca_keys = "..."'}``).
+    (``{"ssh": 'trusted_user_ca_keys = "..."'}``). ``routes``: whole route tables (``[routes]``
+    and its backend's), in place of the ``[chp]`` table ``chp`` makes.
     """
     more = {name: (lines.rstrip("\n") + "\n") for name, lines in (sections or {}).items()}
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tunnelbot.toml"
     public = f'public_host = "{public_host}"\n' if public_host else ""
-    chp_section = f'[chp]\nenabled = true\napi_url = "{chp}"\nreconcile_interval = "1s"\n' if chp else "[chp]\nenabled = false\n"
+    chp_section = routes or (f'[chp]\nenabled = true\napi_url = "{chp}"\nreconcile_interval = "1s"\n' if chp else "[chp]\nenabled = false\n")
     config.write_text(
         f'keys_dir = "{workdir / "keys"}"\n'
         f'state_dir = "{workdir / "state"}"\n'

@@ -14,7 +14,6 @@ use crate::grants::Grant;
 use crate::ports::PoolError;
 use crate::record::{TunnelRecord, unix_now};
 use crate::registry::IssueFailure;
-use crate::reservation::Reservation;
 use crate::secret::Secret;
 
 /// What the spawner asks for.
@@ -94,7 +93,7 @@ impl Broker {
             .checked_add(ttl.as_secs())
             .ok_or_else(|| IssueError::BadRequest("ttl_seconds is too large".into()))?;
         // Every early return below drops the reservation, which frees the port.
-        let reservation = Reservation::take(&self.inner.ports).map_err(IssueError::NoPort)?;
+        let reservation = self.inner.registry.reserve().map_err(IssueError::NoPort)?;
         let port = reservation.port();
         let record = TunnelRecord {
             id,

@@ -85,7 +85,6 @@ struct Inner {
     keys: Keys,
     registry: Registry,
     sessions: Arc<Sessions>,
-    ports: Arc<PortPool>,
     store: Arc<dyn Store>,
     metrics: Metrics,
     ssh_port: u16,
@@ -136,7 +135,12 @@ impl Broker {
         metrics
             .ports_total
             .set(i64::try_from(config.tunnels.ports.len().get()).unwrap_or(i64::MAX));
-        let routes = crate::routes::from_config(&config, tunnel_host.clone(), metrics.clone())?;
+        let routes = crate::routes::build(
+            config.route_sections(),
+            config.tunnels.ports,
+            tunnel_host.clone(),
+            metrics.clone(),
+        )?;
         let failures = crate::limits::FailureLimiter::new(config.limits.auth_failures_per_minute);
         let sessions = Arc::new(Sessions::new(config.limits.liveness_probe_timeout));
         let authority = Authority::load(&config.ssh)?;
@@ -158,7 +162,6 @@ impl Broker {
                 keys,
                 registry,
                 sessions,
-                ports,
                 store,
                 metrics,
                 ssh_port,

@@ -27,6 +27,8 @@ pub struct Config {
     pub routes: RoutesConfig,
     /// configurable-http-proxy, the `chp` route backend.
     pub chp: ChpConfig,
+    /// traefik through Redis, the `traefik-redis` route backend.
+    pub traefik_redis: crate::routes::traefik_redis::TraefikRedisConfig,
     /// Caps that keep one misbehaving client from exhausting the broker.
     pub limits: LimitsConfig,
     /// Threads.
@@ -45,6 +47,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             routes: RoutesConfig::default(),
             chp: ChpConfig::default(),
+            traefik_redis: Default::default(),
             limits: LimitsConfig::default(),
             runtime: RuntimeConfig::default(),
             store: crate::store::StoreConfig::default(),
@@ -218,79 +221,6 @@ impl Default for AdminConfig {
     }
 }
 
-/// `[routes]`. Read (with `[chp]`'s deprecated keys) only by `routes::Settings`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoutesConfig {
-    /// Which proxy holds the routes.
-    pub backend: RouteBackendKind,
-    /// JupyterHub's `base_url`.
-    pub base_url: String,
-    /// How often the proxy's table is compared with the live tunnels.
-    #[serde(with = "humantime_serde")]
-    pub reconcile_interval: Duration,
-}
-
-impl Default for RoutesConfig {
-    fn default() -> Self {
-        Self {
-            backend: RouteBackendKind::Chp,
-            base_url: "/".into(),
-            reconcile_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-/// `routes.backend`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RouteBackendKind {
-    /// configurable-http-proxy's REST API (`[chp]`).
-    Chp,
-    /// No routes: the spawner alone drives them.
-    None,
-}
-
-/// `[chp]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ChpConfig {
-    /// Deprecated: `routes.backend`. `false` still turns routes off.
-    pub enabled: Option<bool>,
-    /// CHP's REST API.
-    pub api_url: String,
-    /// A file holding CHP's token; when unset, `CONFIGPROXY_AUTH_TOKEN` is read.
-    pub token_file: Option<PathBuf>,
-    /// Deprecated: `routes.base_url`, still read.
-    pub base_url: Option<String>,
-    /// The host written into route targets: the older name of `tunnels.public_host`, kept as
-    /// an alias; the two must agree when both are set.
-    pub target_host: Option<String>,
-    /// Deprecated: `routes.reconcile_interval`, still read.
-    #[serde(with = "humantime_serde::option")]
-    pub reconcile_interval: Option<Duration>,
-    /// JupyterHub's API (`http://hub:8081/hub/api`), to ask the hub to restore its own routes
-    /// after a CHP restart.
-    pub hub_api_url: Option<String>,
-    /// A file holding a hub API token with the `proxy` scope.
-    pub hub_token_file: Option<PathBuf>,
-}
-
-impl Default for ChpConfig {
-    fn default() -> Self {
-        Self {
-            enabled: None,
-            api_url: "http://127.0.0.1:8001".into(),
-            token_file: None,
-            base_url: None,
-            target_host: None,
-            reconcile_interval: None,
-            hub_api_url: None,
-            hub_token_file: None,
-        }
-    }
-}
-
 /// `[limits]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -356,9 +286,9 @@ impl Default for RuntimeConfig {
     }
 }
 
-mod port_range;
 #[cfg(test)]
 mod tests;
 mod validate;
 
-pub use port_range::PortRange;
+pub use crate::port_range::PortRange;
+pub use crate::routes::{ChpConfig, RouteBackendKind, RoutesConfig};

@@ -111,7 +111,7 @@ impl Config {
             self.tunnels.ports,
             self.admin.listen.port()
         );
-        crate::routes::Settings::from_config(self)?;
+        crate::routes::Settings::read(self.route_sections())?;
         ensure!(
             self.tunnels.lease <= self.tunnels.max_ttl,
             "tunnels.lease ({}) must be at most tunnels.max_ttl ({})",
@@ -120,6 +120,15 @@ impl Config {
         );
         self.tunnel_host()?;
         Ok(())
+    }
+
+    /// The sections the route layer reads.
+    pub fn route_sections(&self) -> crate::routes::Sections<'_> {
+        crate::routes::Sections {
+            routes: &self.routes,
+            chp: &self.chp,
+            traefik_redis: &self.traefik_redis,
+        }
     }
 
     /// The host the proxy dials to reach hub ports, as it goes into `http://<host>:<port>`

@@ -74,9 +74,7 @@ impl Registry {
         write(&self.journal, change.clone())
             .await
             .map_err(IssueFailure::Store)?;
-        let listener = reservation
-            .into_listener()
-            .ok_or_else(|| IssueFailure::Store(anyhow::anyhow!("port reservation lost")))?;
+        let listener = reservation.into_listener();
         indexed.keep();
         self.tunnels.start(grant, Ok(listener));
         self.tell(&change);

@@ -122,6 +122,11 @@ impl Registry {
         self.tunnels.close_listeners(within).await
     }
 
+    /// Reserves the next free hub port for a tunnel being issued (see `issue`).
+    pub fn reserve(&self) -> Result<crate::reservation::Reservation, crate::ports::PoolError> {
+        crate::reservation::Reservation::take(&self.ports)
+    }
+
     fn update_port_gauge(&self) {
         let free = i64::try_from(self.ports.free()).unwrap_or(i64::MAX);
         self.metrics.ports_free.set(free);

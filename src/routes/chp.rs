@@ -17,8 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use super::ChpConfig;
 use super::{BaseUrl, BoxFuture, Listing, Owner, RouteBackend, RouteEntry, RoutePath, Target};
-use crate::config::ChpConfig;
 use crate::keys::read_secret_file;
 use crate::secret::Secret;
 
@@ -302,23 +302,32 @@ impl RouteBackend for ChpClient {
     /// restore `/` and its routes at once.
     fn proxy_restarted(&self) -> BoxFuture<'_, anyhow::Result<bool>> {
         Box::pin(async move {
-            let Some((url, token)) = &self.hub else {
+            let Some(hub) = &self.hub else {
                 return Ok(false);
             };
-            let resp = self
-                .http
-                .post(format!("{url}/proxy"))
-                .header("Authorization", format!("token {}", token.expose()))
-                .send()
-                .await
-                .context("POST /hub/api/proxy")?;
-            let status = resp.status();
-            if !status.is_success() {
-                bail!("POST {url}/proxy: hub answered {status}");
-            }
+            ask_hub_to_restore(&self.http, hub).await?;
             Ok(true)
         })
     }
+}
+
+/// `POST /hub/api/proxy`: the hub writes `/` and every running server's route again at once.
+/// Shared with the traefik-redis backend, whose Redis can lose the table the same way.
+pub async fn ask_hub_to_restore(
+    http: &reqwest::Client,
+    (url, token): &(String, Secret),
+) -> anyhow::Result<()> {
+    let resp = http
+        .post(format!("{url}/proxy"))
+        .header("Authorization", format!("token {}", token.expose()))
+        .send()
+        .await
+        .context("POST /hub/api/proxy")?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("POST {url}/proxy: hub answered {status}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! construction), a `Target` (`http://<tunnel host>:<hub port>`), the user and server name the
 //! hub keeps beside it, and the `Owner` stamp that says tunnelbot wrote it. A `RouteBackend`
 //! speaks only these types; how they are stored (CHP's JSON, traefik's keys) is its own
-//! business (`chp`).
+//! business (`chp`, `traefik_redis`).
 //!
 //! The wanted set holds one route per tunnel whose forward is held by a live session. The
 //! broker only says `want(id, user, server, port)` and `unwant(id)`: the path and target are
@@ -30,21 +30,25 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::warn;
 
-use crate::config::PortRange;
 use crate::metrics::Metrics;
 use crate::names::NameError;
+use crate::port_range::PortRange;
 
 pub mod chp;
 mod entry;
 #[cfg(test)]
 mod fake;
 mod reconcile;
+mod sections;
 mod settings;
 #[cfg(test)]
 mod tests;
+mod traefik_keys;
+pub mod traefik_redis;
 
 pub use entry::{BaseUrl, Owner, RouteEntry, RoutePath, Target};
-pub use settings::{Settings, from_config};
+pub use sections::{ChpConfig, RouteBackendKind, RoutesConfig};
+pub use settings::{Sections, Settings, build};
 
 /// A boxed future, for the object-safe backend trait.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -58,7 +62,7 @@ pub struct Listing {
     pub hub_present: bool,
 }
 
-/// A proxy that holds routes. Implementations: `chp::ChpClient`.
+/// A proxy that holds routes. Implementations: `chp::ChpClient`, `traefik_redis::TraefikRedis`.
 pub trait RouteBackend: Send + Sync + 'static {
     /// Our routes, and whether the hub's route is there.
     fn list(&self) -> BoxFuture<'_, anyhow::Result<Listing>>;

@@ -7,9 +7,22 @@ use std::time::Duration;
 use anyhow::{bail, ensure};
 use tracing::warn;
 
-use super::{BaseUrl, RouteBackend, Routes, chp};
-use crate::config::{Config, RouteBackendKind, RoutesConfig};
+use super::sections::{ChpConfig, RouteBackendKind, RoutesConfig};
+use super::traefik_redis::TraefikRedisConfig;
+use super::{BaseUrl, RouteBackend, Routes, chp, traefik_redis};
 use crate::metrics::Metrics;
+use crate::port_range::PortRange;
+
+/// The config sections routes are made from (`Config::route_sections`).
+#[derive(Debug, Clone, Copy)]
+pub struct Sections<'a> {
+    /// `[routes]`.
+    pub routes: &'a RoutesConfig,
+    /// `[chp]`, also read for the hub API pair and the deprecated route keys.
+    pub chp: &'a ChpConfig,
+    /// `[traefik_redis]`.
+    pub traefik_redis: &'a TraefikRedisConfig,
+}
 
 /// `[routes]` with the deprecated `[chp]` keys folded in: the one reading of both sections.
 #[derive(Debug, Clone)]
@@ -26,8 +39,8 @@ impl Settings {
     /// Resolves and checks the route config; None when routes are off. The old `[chp]`
     /// `enabled`, `base_url` and `reconcile_interval` still work; a value that contradicts
     /// the `[routes]` one is refused rather than guessed at.
-    pub fn from_config(config: &Config) -> anyhow::Result<Option<Self>> {
-        let (routes, old) = (&config.routes, &config.chp);
+    pub fn read(config: Sections<'_>) -> anyhow::Result<Option<Self>> {
+        let (routes, old) = (config.routes, config.chp);
         let backend = match (old.enabled, routes.backend) {
             (Some(true), RouteBackendKind::None) => {
                 bail!("chp.enabled = true and routes.backend = \"none\" disagree; drop chp.enabled")
@@ -65,7 +78,12 @@ impl Settings {
         );
         let base_url = BaseUrl::new(base_url)?;
         match backend {
-            RouteBackendKind::Chp => chp::check_config(&config.chp)?,
+            RouteBackendKind::Chp => chp::check_config(config.chp)?,
+            RouteBackendKind::TraefikRedis => {
+                traefik_redis::check_config(config.traefik_redis)?;
+                // The hub API pair (to restore the hub's routes) is read from [chp] here too.
+                chp::hub_api(config.chp, &chp::process_env)?;
+            }
             RouteBackendKind::None => {}
         }
         Ok(Some(Self {
@@ -76,13 +94,15 @@ impl Settings {
     }
 }
 
-/// The route layer `config` asks for, routing to `tunnel_host`; None when routes are off.
-pub fn from_config(
-    config: &Config,
+/// The route layer `config` asks for, routing to `tunnel_host` and hub ports in `ports`; None
+/// when routes are off.
+pub fn build(
+    config: Sections<'_>,
+    ports: PortRange,
     tunnel_host: String,
     metrics: Metrics,
 ) -> anyhow::Result<Option<Routes>> {
-    let Some(settings) = Settings::from_config(config)? else {
+    let Some(settings) = Settings::read(config)? else {
         return Ok(None);
     };
     for (set, key) in [
@@ -105,7 +125,12 @@ pub fn from_config(
     }
     let backend: Arc<dyn RouteBackend> = match settings.backend {
         RouteBackendKind::Chp => Arc::new(chp::ChpClient::from_config(
-            &config.chp,
+            config.chp,
+            settings.base_url.clone(),
+        )?),
+        RouteBackendKind::TraefikRedis => Arc::new(traefik_redis::TraefikRedis::from_config(
+            config.traefik_redis,
+            config.chp,
             settings.base_url.clone(),
         )?),
         RouteBackendKind::None => return Ok(None),
@@ -114,7 +139,7 @@ pub fn from_config(
         backend,
         settings.base_url,
         tunnel_host,
-        config.tunnels.ports,
+        ports,
         settings.interval,
         metrics,
     )))
@@ -123,9 +148,10 @@ pub fn from_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     fn settings(text: &str) -> anyhow::Result<Option<Settings>> {
-        Settings::from_config(&Config::parse(text)?)
+        Settings::read(Config::parse(text)?.route_sections())
     }
 
     #[test]
@@ -156,6 +182,35 @@ mod tests {
             "[routes]\nbackend = \"traefik\"\n",
         ] {
             assert!(settings(clash).is_err(), "{clash}");
+        }
+    }
+
+    #[test]
+    fn traefik_redis_is_chosen_and_checked_without_connecting() {
+        let s = settings("[routes]\nbackend = \"traefik-redis\"\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.backend, RouteBackendKind::TraefikRedis);
+        let config = Config::parse(
+            "[routes]\nbackend = \"traefik-redis\"\n[traefik_redis]\nurl = \"redis://127.0.0.1:1/\"\n",
+        )
+        .unwrap();
+        let routes = build(
+            config.route_sections(),
+            config.tunnels.ports,
+            "127.0.0.1".into(),
+            Metrics::new().unwrap(),
+        )
+        .unwrap();
+        assert!(routes.is_some());
+        for bad in [
+            "url = \"redis://:secret@127.0.0.1/\"\n",
+            "jupyterhub_prefix = \"j*\"\n",
+            "entrypoint = \"\"\n",
+            "password_file = \"/nonexistent/redis.password\"\n",
+        ] {
+            let text = format!("[routes]\nbackend = \"traefik-redis\"\n[traefik_redis]\n{bad}");
+            assert!(settings(&text).is_err(), "{bad}");
         }
     }
 }

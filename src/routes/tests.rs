@@ -8,8 +8,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::fake::{Fake, Stored, Write};
 use super::{BaseUrl, RouteState, Routes};
-use crate::config::PortRange;
 use crate::metrics::Metrics;
+use crate::port_range::PortRange;
 
 const INTERVAL: Duration = Duration::from_secs(5);
 

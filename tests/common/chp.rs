@@ -2,13 +2,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
 use super::broker::write_0600;
+use super::daemon::start_answering;
 use super::eventually;
 use super::net::free_port;
 
@@ -59,46 +59,33 @@ impl Chp {
 
     /// (Re)starts the process on the same ports; false when it exited (port taken).
     pub async fn spawn(&mut self) -> anyhow::Result<bool> {
-        let mut child = Command::new(chp_bin()?)
-            .args([
-                "--ip",
-                "127.0.0.1",
-                "--port",
-                &self.public.port().to_string(),
-            ])
-            .args([
-                "--api-ip",
-                "127.0.0.1",
-                "--api-port",
-                &self.api.port().to_string(),
-            ])
-            .args(["--log-level", "warn"])
-            .env("CONFIGPROXY_AUTH_TOKEN", &self.token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting configurable-http-proxy")?;
+        let mut cmd = Command::new(chp_bin()?);
+        cmd.args([
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            &self.public.port().to_string(),
+        ])
+        .args([
+            "--api-ip",
+            "127.0.0.1",
+            "--api-port",
+            &self.api.port().to_string(),
+        ])
+        .args(["--log-level", "warn"])
+        .env("CONFIGPROXY_AUTH_TOKEN", &self.token);
         let http = reqwest::Client::new();
         let (api, token) = (self.api, self.token.clone());
-        // Some(true): answering; Some(false): exited (its port was taken); None: not yet.
-        let up = eventually(&format!("CHP answers on {api}"), async || {
-            if child.try_wait()?.is_some() {
-                return anyhow::Ok(Some(false));
-            }
+        self.child = start_answering(cmd, &format!("CHP on {api}"), async || {
             let r = http
                 .get(format!("http://{api}/api/routes"))
                 .header("Authorization", format!("token {token}"))
                 .send()
                 .await;
-            Ok(r.is_ok_and(|r| r.status().is_success()).then_some(true))
+            r.is_ok_and(|r| r.status().is_success())
         })
         .await?;
-        if up {
-            self.child = Some(child);
-        }
-        Ok(up)
+        Ok(self.child.is_some())
     }
 
     /// Kills the process (routes are in its memory only, so they are gone).

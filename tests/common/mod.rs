@@ -5,6 +5,7 @@
 //! - `chp`     a real configurable-http-proxy (`Chp`)
 //! - `redis`   a real redis-server (`Redis`)
 //! - `net`     echo and HTTP backends, round trips, free ports
+//! - `traefik` a real traefik on a `Redis` (`Traefik`), and a client for the keys
 //! - `systemd` systemd's notify socket and descriptor store (`FakeSystemd`)
 //! - `wait`    `eventually`, the one bounded poll every wait goes through
 //!
@@ -20,11 +21,13 @@
 
 mod broker;
 mod chp;
+mod daemon;
 mod net;
 mod process;
 mod redis;
 mod ssh;
 mod systemd;
+mod traefik;
 mod wait;
 
 use std::net::IpAddr;
@@ -38,6 +41,7 @@ pub use process::{BrokerProcess, Launching};
 pub use redis::{Redis, redis_server_bin};
 pub use ssh::{Ssh, job_args, keygen, ssh_args, ssh_run};
 pub use systemd::{FakeSystemd, Manager};
+pub use traefik::{Traefik, redis_conn, redis_keys, redis_mset, traefik_bin};
 pub use wait::{POLL, Probe, eventually};
 
 /// Upper bound for any single wait in the tests.

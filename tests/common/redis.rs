@@ -2,14 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use super::eventually;
+use super::daemon::start_answering;
 use super::net::free_port;
 
 /// A real redis-server process on 127.0.0.1.
@@ -58,48 +57,33 @@ impl Redis {
 
     /// (Re)starts the process on the same port, empty; false when it exited (port taken).
     pub async fn spawn(&mut self) -> anyhow::Result<bool> {
-        let mut child = Command::new(redis_server_bin()?)
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.addr.port().to_string(),
-            ])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
-            .args([
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "warning",
-                "--dir",
-                "/tmp",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting redis-server")?;
+        let mut cmd = Command::new(redis_server_bin()?);
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &self.addr.port().to_string(),
+        ])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ])
+        .args([
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--dir",
+            "/tmp",
+        ]);
         let addr = self.addr;
-        // Some(true): answering PING; Some(false): exited (its port was taken); None: not yet.
-        let up = eventually(&format!("redis answers on {addr}"), async || {
-            if child.try_wait()?.is_some() {
-                return anyhow::Ok(Some(false));
-            }
-            Ok(ping(addr).await.then_some(true))
-        })
-        .await?;
-        if up {
-            self.child = Some(child);
-        }
-        Ok(up)
+        self.child =
+            start_answering(cmd, &format!("redis on {addr}"), async || ping(addr).await).await?;
+        Ok(self.child.is_some())
     }
 
     /// Kills the process; everything it held is gone (nothing is saved).

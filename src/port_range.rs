@@ -1,4 +1,5 @@
-//! `tunnels.ports`: an inclusive range whose invariant lives in its constructor.
+//! A hub port range (`tunnels.ports`): an inclusive range whose invariant lives in its
+//! constructor. A domain type: config, the port pool and the route layer all use it.
 
 use std::fmt;
 use std::num::NonZeroUsize;

@@ -1,0 +1,401 @@
+//! JupyterHub's traefik key layout, as `jupyterhub-traefik-proxy` 2.1.0 writes it (`proxy.py`
+//! `_dynamic_config_for_route`, `kv_proxy.py` `flatten_dict_for_kv`, `traefik_utils.py`):
+//!
+//! ```text
+//! <jh>/routes/<router>/{routespec,target,router,service}      routespec = "/user/alice/"
+//! <jh>/routes/<router>/data/{user,server_name,tunnelbot}      tunnelbot = "true" (our stamp)
+//! <traefik>/http/routers/<router>/{rule,service,entryPoints/0}
+//! <traefik>/http/services/<service>/loadBalancer/{servers/0/url,passHostHeader}
+//! ```
+//!
+//! `<router>` is `router_` + the routespec escaped with `escapism` (safe: ASCII letters, digits
+//! and `-`; every other byte becomes `_` and its upper-case hex, unpadded), so no name can put
+//! a `/` into a key or reach another route's keys: the escaping is injective and `_` itself is
+//! escaped. The routespec is the path JupyterHub's `proxy_spec` gives (segments escaped with
+//! `quote(v, safe='@~')`, trailing `/`). Data values are strings: the library writes a Python
+//! `True` as `"true"`, so the stamp reads back in the hub as `{"tunnelbot": "true"}`, which
+//! `check_routes` never looks at.
+
+use std::collections::HashMap;
+
+use anyhow::{bail, ensure};
+
+use super::chp::escape;
+use super::{BaseUrl, Owner, RouteEntry, RoutePath, Target};
+
+/// The three fields of a route's data the hub writes for a server, and our stamp.
+const DATA_USER: &str = "data/user";
+const DATA_SERVER: &str = "data/server_name";
+/// The hub's own route carries `data/hub = "true"`.
+const DATA_HUB: &str = "data/hub";
+
+/// Where routes live in Redis: the two key prefixes and traefik's entrypoint name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    jupyterhub: String,
+    traefik: String,
+    entrypoint: String,
+}
+
+/// The keys one route occupies, by tree.
+pub struct RouteKeys {
+    /// `<jh>/routes/<router>/`: JupyterHub's record of the route.
+    pub data_dir: String,
+    /// `<traefik>/http/routers/<router>/`.
+    pub router_dir: String,
+    /// `<traefik>/http/services/<service>/`.
+    pub service_dir: String,
+}
+
+impl Layout {
+    /// Checks the prefixes (`KVStorePrefix` drops a trailing `/`, so do we) and the entrypoint.
+    /// Only plain characters are allowed: a prefix becomes part of SCAN patterns, where `*`, `?`,
+    /// `[` or `\` would match other keys.
+    pub fn new(jupyterhub: &str, traefik: &str, entrypoint: &str) -> anyhow::Result<Self> {
+        let prefix = |what: &str, p: &str| -> anyhow::Result<String> {
+            let p = p.trim_end_matches('/');
+            ensure!(
+                !p.is_empty()
+                    && !p.starts_with('/')
+                    && !p.contains("//")
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)),
+                "traefik_redis.{what} {p:?} must be a non-empty key prefix of letters, digits and -_./"
+            );
+            Ok(p.to_owned())
+        };
+        let (jupyterhub, traefik) = (
+            prefix("jupyterhub_prefix", jupyterhub)?,
+            prefix("traefik_prefix", traefik)?,
+        );
+        ensure!(
+            jupyterhub != traefik,
+            "traefik_redis.jupyterhub_prefix and traefik_prefix must differ: traefik would read the hub's data as config"
+        );
+        ensure!(
+            !entrypoint.is_empty()
+                && entrypoint
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b)),
+            "traefik_redis.entrypoint {entrypoint:?} must be a traefik entrypoint name"
+        );
+        Ok(Self {
+            jupyterhub,
+            traefik,
+            entrypoint: entrypoint.to_owned(),
+        })
+    }
+
+    /// `<jh>/routes/`: every route JupyterHub's `get_all_routes` sees lives below it.
+    pub fn routes_dir(&self) -> String {
+        format!("{}/routes/", self.jupyterhub)
+    }
+
+    /// The three subtrees of the route at `path`.
+    pub fn keys(&self, path: &RoutePath) -> RouteKeys {
+        let spec = routespec(path);
+        let (router, service) = (alias(&spec, "router"), alias(&spec, "service"));
+        RouteKeys {
+            data_dir: format!("{}{router}/", self.routes_dir()),
+            router_dir: format!("{}/http/routers/{router}/", self.traefik),
+            service_dir: format!("{}/http/services/{service}/", self.traefik),
+        }
+    }
+
+    /// Every key and value of `entry`, both trees, stamp included: one MSET writes it.
+    pub fn pairs(&self, entry: &RouteEntry) -> anyhow::Result<Vec<(String, String)>> {
+        let spec = routespec(&entry.path);
+        let (router, service) = (alias(&spec, "router"), alias(&spec, "service"));
+        let k = self.keys(&entry.path);
+        let target = entry.target.to_string();
+        Ok(vec![
+            (format!("{}routespec", k.data_dir), spec.clone()),
+            (format!("{}target", k.data_dir), target.clone()),
+            (format!("{}router", k.data_dir), router),
+            (format!("{}service", k.data_dir), service.clone()),
+            (format!("{}{DATA_USER}", k.data_dir), entry.user.clone()),
+            (
+                format!("{}{DATA_SERVER}", k.data_dir),
+                entry.server_name.clone(),
+            ),
+            (
+                format!("{}data/{}", k.data_dir, entry.owner.name()),
+                "true".into(),
+            ),
+            (format!("{}rule", k.router_dir), rule(&spec)?),
+            (
+                format!("{}entryPoints/0", k.router_dir),
+                self.entrypoint.clone(),
+            ),
+            (format!("{}service", k.router_dir), service),
+            (
+                format!("{}loadBalancer/servers/0/url", k.service_dir),
+                target,
+            ),
+            (
+                format!("{}loadBalancer/passHostHeader", k.service_dir),
+                "true".into(),
+            ),
+        ])
+    }
+
+    /// The data-tree field names `get` reads for one route, in a fixed order.
+    pub fn fields() -> [&'static str; 6] {
+        [
+            "routespec",
+            "target",
+            "router",
+            DATA_USER,
+            DATA_SERVER,
+            "data/tunnelbot",
+        ]
+    }
+
+    /// Splits a key under `routes_dir` into (router alias, field).
+    pub fn split<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        key.strip_prefix(self.jupyterhub.as_str())?
+            .strip_prefix("/routes/")?
+            .split_once('/')
+    }
+}
+
+/// Reads one route's data fields (field name to value) as ours: our stamp, a routespec that is
+/// a server route under `base_url` in the canonical form, filed under the alias that routespec
+/// gives, a target and the hub's two data strings. Anything else is None: not ours to touch.
+pub fn read(base_url: &BaseUrl, router: &str, fields: &HashMap<&str, &str>) -> Option<RouteEntry> {
+    let owner = Owner::TUNNELBOT;
+    if fields.get(format!("data/{}", owner.name()).as_str()) != Some(&"true") {
+        return None;
+    }
+    let spec = *fields.get("routespec")?;
+    let decoded = percent_decode(spec.strip_suffix('/')?)?;
+    let path = RoutePath::parse(base_url, &decoded)?;
+    if routespec(&path) != spec
+        || alias(spec, "router") != router
+        || fields.get("router") != Some(&router)
+    {
+        return None;
+    }
+    Some(RouteEntry {
+        target: Target::parse(fields.get("target")?)?,
+        user: (*fields.get(DATA_USER)?).to_owned(),
+        server_name: (*fields.get(DATA_SERVER)?).to_owned(),
+        path,
+        owner,
+    })
+}
+
+/// Whether these data fields are the hub's own route (`{'hub': True}` in `add_hub_route`).
+pub fn is_hub(fields: &HashMap<&str, &str>) -> bool {
+    fields.get(DATA_HUB) == Some(&"true")
+}
+
+/// JupyterHub's routespec for `path`: `Spawner.proxy_spec`, segments escaped, trailing `/`.
+pub fn routespec(path: &RoutePath) -> String {
+    let mut spec = String::from("/");
+    for segment in path.segments() {
+        spec.push_str(&escape(segment));
+        spec.push('/');
+    }
+    spec
+}
+
+/// `traefik_utils.generate_alias`: `<kind>_` + `escapism.escape(routespec, safe=letters,
+/// digits, "-")`, each other byte as `_` and `'%X' % byte` (upper case, not zero-padded).
+pub fn alias(routespec: &str, kind: &str) -> String {
+    let mut out = format!("{kind}_");
+    for b in routespec.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("_{b:X}"));
+        }
+    }
+    out
+}
+
+/// `traefik_utils.generate_rule` for a path routespec: the decoded path as a prefix, and the
+/// path without its slash exactly. A backtick would end traefik's quoted string and let a name
+/// write rule syntax (`x`) || PathPrefix(`/`), say), so such a path is refused.
+pub fn rule(routespec: &str) -> anyhow::Result<String> {
+    let Some(path) = percent_decode(routespec) else {
+        bail!("routespec {routespec:?} does not decode");
+    };
+    if !path.starts_with('/') || !path.ends_with('/') || path.contains('`') || path.len() < 2 {
+        bail!("refusing a traefik rule for {path:?}: not a plain path prefix");
+    }
+    let bare = path.trim_end_matches('/');
+    Ok(format!("( PathPrefix(`{path}`) || Path(`{bare}`) )"))
+}
+
+/// Decodes `%XX` escapes; None for a broken escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(base: &str, user: &str, server: &str) -> RoutePath {
+        RoutePath::new(&BaseUrl::new(base).unwrap(), user, server).unwrap()
+    }
+
+    fn layout() -> Layout {
+        Layout::new("jupyterhub", "traefik", "http").unwrap()
+    }
+
+    /// The values JupyterHub 2.1.0's TraefikRedisProxy wrote for alice (shared notes), and what
+    /// escapism gives for characters the hub's quoting leaves alone.
+    #[test]
+    fn keys_as_jupyterhub_writes_them() {
+        let alice = path("/", "alice", "");
+        let entry = RouteEntry::new(
+            alice.clone(),
+            Target::parse("http://127.0.0.1:18123").unwrap(),
+        );
+        let pairs: HashMap<String, String> = layout().pairs(&entry).unwrap().into_iter().collect();
+        let r = "router__2Fuser_2Falice_2F";
+        let s = "service__2Fuser_2Falice_2F";
+        for (k, v) in [
+            (format!("jupyterhub/routes/{r}/routespec"), "/user/alice/"),
+            (
+                format!("jupyterhub/routes/{r}/target"),
+                "http://127.0.0.1:18123",
+            ),
+            (format!("jupyterhub/routes/{r}/router"), r),
+            (format!("jupyterhub/routes/{r}/service"), s),
+            (format!("jupyterhub/routes/{r}/data/user"), "alice"),
+            (format!("jupyterhub/routes/{r}/data/server_name"), ""),
+            (format!("jupyterhub/routes/{r}/data/tunnelbot"), "true"),
+            (
+                format!("traefik/http/routers/{r}/rule"),
+                "( PathPrefix(`/user/alice/`) || Path(`/user/alice`) )",
+            ),
+            (format!("traefik/http/routers/{r}/entryPoints/0"), "http"),
+            (format!("traefik/http/routers/{r}/service"), s),
+            (
+                format!("traefik/http/services/{s}/loadBalancer/servers/0/url"),
+                "http://127.0.0.1:18123",
+            ),
+            (
+                format!("traefik/http/services/{s}/loadBalancer/passHostHeader"),
+                "true",
+            ),
+        ] {
+            assert_eq!(pairs.get(&k).map(String::as_str), Some(v), "{k}");
+        }
+        assert_eq!(pairs.len(), 12);
+
+        let odd = path("/jh/", "a b@x.org_2f", "gpu-1");
+        assert_eq!(routespec(&odd), "/jh/user/a%20b@x.org_2f/gpu-1/");
+        assert_eq!(
+            alias(&routespec(&odd), "router"),
+            "router__2Fjh_2Fuser_2Fa_2520b_40x_2Eorg_5F2f_2Fgpu-1_2F"
+        );
+        assert_eq!(alias("/\u{e9}\u{1}/", "x"), "x__2F_C3_A9_1_2F");
+    }
+
+    #[test]
+    fn what_reads_back_as_ours() {
+        let base = BaseUrl::new("/").unwrap();
+        let entry = RouteEntry::new(
+            path("/", "bob", "gpu"),
+            Target::parse("http://127.0.0.1:20001").unwrap(),
+        );
+        let l = layout();
+        let pairs = l.pairs(&entry).unwrap();
+        let fields = |pairs: &[(String, String)]| -> (String, HashMap<String, String>) {
+            let mut router = String::new();
+            let mut f = HashMap::new();
+            for (k, v) in pairs {
+                if let Some((r, field)) = l.split(k) {
+                    router = r.to_owned();
+                    f.insert(field.to_owned(), v.clone());
+                }
+            }
+            (router, f)
+        };
+        let read_back = |router: &str, f: &HashMap<String, String>| {
+            let f: HashMap<&str, &str> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            read(&base, router, &f)
+        };
+        let (router, f) = fields(&pairs);
+        assert_eq!(read_back(&router, &f), Some(entry.clone()));
+        // Without the stamp (the hub's own write), under another alias, or a routespec that is
+        // not canonical or not a server route: not ours.
+        for (field, value) in [
+            ("data/tunnelbot", None),
+            ("data/tunnelbot", Some("True")),
+            ("routespec", Some("/user/bob/gpu")),
+            ("routespec", Some("/user/%62ob/gpu/")),
+            ("routespec", Some("/user/bob/")),
+            ("routespec", Some("/hub/")),
+            ("routespec", Some("/")),
+            ("router", Some("router__2F")),
+            ("target", Some("https://127.0.0.1:20001")),
+            ("data/user", None),
+        ] {
+            let mut f = f.clone();
+            match value {
+                Some(v) => f.insert(field.into(), v.into()),
+                None => f.remove(field),
+            };
+            assert_eq!(read_back(&router, &f), None, "{field} = {value:?}");
+        }
+        assert_eq!(read_back("router__2Fuser_2Fbob_2F", &f), None);
+        let hub: HashMap<&str, &str> = [("data/hub", "true")].into();
+        assert!(is_hub(&hub));
+    }
+
+    #[test]
+    fn rules_refuse_what_would_change_their_meaning() {
+        assert_eq!(
+            rule("/jh/user/a%20b@x.org/").unwrap(),
+            "( PathPrefix(`/jh/user/a b@x.org/`) || Path(`/jh/user/a b@x.org`) )"
+        );
+        for bad in [
+            "/user/x%60) || PathPrefix(%60/",
+            "/user/x`/",
+            "/user/%zz/",
+            "/",
+            "user/x/",
+        ] {
+            assert!(rule(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn prefixes_and_entrypoints() {
+        let l = Layout::new("jh/", "tr", "web-1").unwrap();
+        assert_eq!(l.routes_dir(), "jh/routes/");
+        assert_eq!(
+            l.split("jh/routes/router__2F/data/user"),
+            Some(("router__2F", "data/user"))
+        );
+        assert_eq!(l.split("jhx/routes/a/b"), None);
+        for (jh, tr, ep) in [
+            ("", "traefik", "http"),
+            ("j*", "traefik", "http"),
+            ("jupyterhub", "traefik", "a b"),
+            ("same", "same/", "http"),
+            ("/jh", "traefik", "http"),
+            ("a//b", "traefik", "http"),
+        ] {
+            assert!(Layout::new(jh, tr, ep).is_err(), "{jh} {tr} {ep}");
+        }
+    }
+}
