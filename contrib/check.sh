@@ -209,6 +209,16 @@ else
     indent <<<"$out"
     fail "tunnelbot check --config systemd/tunnelbot.toml"
 fi
+# The config of one broker of an active/standby pair (same unit, [store] backend = "redis").
+pair="$work/tunnelbot-pair.toml"
+sed "s|/etc/tunnelbot/chp.token|$work/chp.token|" "$contrib/systemd/tunnelbot-pair.toml" > "$pair"
+if out="$(timeout 30 "$bin" check --config "$pair" 2>&1)" && [ "$out" = "config ok" ] &&
+    grep -q '^backend = "redis"$' "$pair"; then
+    pass "tunnelbot check --config systemd/tunnelbot-pair.toml: $out"
+else
+    indent <<<"$out"
+    fail "tunnelbot check --config systemd/tunnelbot-pair.toml"
+fi
 
 echo "== contrib: nftables rule (in a network namespace of its own)"
 rc=0

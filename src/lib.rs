@@ -5,8 +5,9 @@
 //! - `secret`   a string that never prints
 //! - `keys`     keys folder: host key and admin token, permissions
 //! - `record`   the domain record of one issued tunnel (no dependencies of its own)
-//! - `store`    the crash-safe record of issued tunnels (redb), behind the `Store` seam; the
-//!   registry's journal
+//! - `store`    the crash-safe record of issued tunnels (redb, or Redis for a pair), behind
+//!   the `Store` seam; the registry's journal; `[store]` in `store::settings`
+//! - `standby`  an active/standby pair on one Redis: the lease, its renewal, what losing it does
 //! - `port_range` the hub port range, a domain type whose invariant lives in its constructor
 //! - `ports`    the hub port pool; a reservation is a bound listener
 //! - `fdstore`  systemd: READY=1, and the descriptor store that keeps reserved ports across restarts
@@ -73,6 +74,7 @@ pub mod secret;
 pub mod sessions;
 pub mod shutdown;
 pub mod ssh;
+pub mod standby;
 pub mod store;
 pub mod tokens;
 pub mod transport;
@@ -143,11 +145,24 @@ pub async fn open_with_fd_store(
     ssh_addr: SocketAddr,
     fds: fdstore::FdStore,
 ) -> anyhow::Result<Broker> {
-    let keys = keys::Keys::load_or_create(&config.keys_dir)?;
+    anyhow::ensure!(
+        config.store.backend == store::StoreBackend::Redb,
+        "the redis store is opened by the holder of the lease: standby::acquire, then open_with_store"
+    );
     let store = store::RedbStore::open(&config.state_dir)?;
+    open_with_store(config, ssh_addr, Arc::new(fds), Arc::new(store)).await
+}
+
+/// As `open_with_fd_store`, on `store` (the Redis store of the lease holder).
+pub async fn open_with_store(
+    config: Config,
+    ssh_addr: SocketAddr,
+    fds: Arc<fdstore::FdStore>,
+    store: Arc<dyn store::Store>,
+) -> anyhow::Result<Broker> {
+    let keys = keys::Keys::load_or_create(&config.keys_dir)?;
     let metrics = metrics::Metrics::new()?;
-    let fds = Arc::new(fds);
-    Broker::open_with_fd_store(config, keys, Arc::new(store), metrics, ssh_addr, fds).await
+    Broker::open_with_fd_store(config, keys, store, metrics, ssh_addr, fds).await
 }
 
 /// Serves until `shutdown` resolves, then, in this order: deletes the broker's proxy routes

@@ -2,12 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing::{error, info};
-use tunnelbot::{Config, Listeners, cli, descriptors, fdstore, keys};
+use tunnelbot::store::StoreBackend;
+use tunnelbot::{Config, Listeners, cli, descriptors, fdstore, keys, standby};
 
 mod heap;
 
@@ -289,17 +291,57 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, ready_file: Option<&Path>) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(&config).await?;
-    let (ssh, admin) = (listeners.ssh_addr()?, listeners.admin_addr()?);
     // Under systemd, tunnel listeners kept in its descriptor store across the restart.
-    let fds = fdstore::FdStore::from_env(config.tunnels.bind_address, config.tunnels.ports);
-    let broker = tunnelbot::open_with_fd_store(config, ssh, fds).await?;
+    let fds = Arc::new(fdstore::FdStore::from_env(
+        config.tunnels.bind_address,
+        config.tunnels.ports,
+    ));
+    if config.store.backend == StoreBackend::Redb {
+        let listeners = Listeners::bind(&config).await?;
+        let ssh = listeners.ssh_addr()?;
+        let store = redb(&config)?;
+        let broker = tunnelbot::open_with_store(config, ssh, fds, store).await?;
+        announce(&listeners, ready_file)?;
+        return tunnelbot::run(broker, listeners, tunnelbot::shutdown::signal()).await;
+    }
+    // One of a pair: nothing is bound until this broker holds the lease.
+    let id = config.store.broker_id(config.ssh.listen);
+    let mut lease = standby::Lease::new(&config.store, id)?;
+    let Some((fence, taken)) =
+        standby::acquire(&mut lease, &fds, tunnelbot::shutdown::signal()).await
+    else {
+        return Ok(());
+    };
+    let holding =
+        standby::Holding::start(lease, fence.clone(), taken, config.store.renew_interval());
+    let store = Arc::new(tunnelbot::store::RedisStore::new(&config.store, fence)?);
+    let listeners = Listeners::bind(&config).await?;
+    let ssh = listeners.ssh_addr()?;
+    let broker = tunnelbot::open_with_store(config, ssh, Arc::clone(&fds), store).await?;
+    announce(&listeners, ready_file)?;
+    let shutdown = tunnelbot::shutdown::signal();
+    match standby::serve(broker, listeners, holding, fds, shutdown).await? {
+        standby::Ended::Stopped => Ok(()),
+        // At once: exiting closes every socket before the lease can lapse.
+        standby::Ended::LeaseLost(_) => std::process::exit(standby::EXIT_LEASE_LOST.into()),
+    }
+}
+
+fn redb(config: &Config) -> anyhow::Result<Arc<dyn tunnelbot::store::Store>> {
+    Ok(Arc::new(tunnelbot::store::RedbStore::open(
+        &config.state_dir,
+    )?))
+}
+
+/// Logs the bound addresses and writes the ready file.
+fn announce(listeners: &Listeners, ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let (ssh, admin) = (listeners.ssh_addr()?, listeners.admin_addr()?);
     info!(%ssh, %admin, "listening");
     if let Some(path) = ready_file {
         let body = serde_json::json!({"ssh": ssh.to_string(), "admin": admin.to_string()});
         keys::write_private_file(path, body.to_string().as_bytes())?;
     }
-    tunnelbot::run(broker, listeners, tunnelbot::shutdown::signal()).await
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

@@ -8,6 +8,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import stat
 import subprocess
 from datetime import datetime, timedelta, timezone
@@ -332,3 +333,61 @@ def test_bundle_from_a_job_script_with_the_real_broker(broker: Broker, job_facto
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait_exit(20) == 143
     assert list(job.tmpdir.iterdir()) == []
+
+
+def test_standby_brokers_in_the_bundle() -> None:
+    """Each further broker becomes a broker= line, its address pinned to the pair's one host key."""
+    tunnel = Tunnel(
+        id="tb_1",
+        user="alice",
+        server_name="",
+        port=20001,
+        state="active",
+        ssh_host="",
+        ssh_port=2222,
+        ssh_user="tunnelbot",
+        known_hosts="[*]:2222 ssh-ed25519 AAAAkey",
+        private_key="-----BEGIN OPENSSH PRIVATE KEY-----\nx\n-----END OPENSSH PRIVATE KEY-----",
+    )
+    bundle = render_bundle(tunnel, "hub-a", [], standby_brokers=["hub-b", "10.0.0.7:22", "[fd00::7]:2200"])
+    lines = bundle.splitlines()
+    assert [line for line in lines if line.startswith("broker=")] == [
+        "broker=hub-b:2222",
+        "broker=10.0.0.7:22",
+        "broker=fd00::7:2200",
+    ]
+    assert [line for line in lines if line.startswith("known_hosts=")] == [
+        "known_hosts=[hub-a]:2222 ssh-ed25519 AAAAkey",
+        "known_hosts=[hub-b]:2222 ssh-ed25519 AAAAkey",
+        "known_hosts=10.0.0.7 ssh-ed25519 AAAAkey",
+        "known_hosts=[fd00::7]:2200 ssh-ed25519 AAAAkey",
+    ]
+    for bad in ["-oProxyCommand=x", "hub b", "hub:port", "[::1]x"]:
+        with pytest.raises(ValueError):
+            render_bundle(tunnel, "hub-a", [], standby_brokers=[bad])
+
+
+def test_the_wrapper_tries_each_broker_in_turn(broker: Broker, job_factory) -> None:  # type: ignore[no-untyped-def]
+    """A first broker that refuses connections (a dead active one) is passed over at once for
+    the next in the list, which holds the tunnel."""
+    # Bound but not listening: connections to it are refused, and no one else can take it.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    try:
+        tunnel = issue(broker)
+        dead_host = f"127.0.0.1:{dead.getsockname()[1]}"
+        bundle = render_bundle(
+            dataclasses.replace(tunnel, ssh_port=dead.getsockname()[1]),
+            "127.0.0.1",
+            [],
+            standby_brokers=[f"127.0.0.1:{broker.ssh_port}"],
+        )
+        job = job_factory(broker, tunnel, bundle)
+        wait_for(lambda: current(broker, tunnel).connected, 20, "the tunnel to connect", interval=0.1, detail=job.log)
+        assert job.secret.encode() in get_through_tunnel(tunnel.port, job)
+        log = job.log()
+        assert f"(or 127.0.0.1:{broker.ssh_port})" in log
+        assert f"ssh to {dead_host} exited with status 255; trying the next broker" in log
+        assert "reconnecting in" not in log, "no pause before the next broker"
+    finally:
+        dead.close()

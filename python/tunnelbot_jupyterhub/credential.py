@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime, timezone
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 from .broker import BrokerError, Tunnel
 
@@ -66,6 +66,27 @@ def pin_known_hosts(lines: str, host: str, port: int) -> str:
     return "\n".join(pinned)
 
 
+def _broker_address(address: str, default_port: int) -> Tuple[str, int]:
+    """``HOST`` or ``HOST:PORT`` (an IPv6 address only with a port: ``[::1]:22``) as (host, port)."""
+    text = address.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        inside, _, rest = text[1:].partition("]")
+        host = inside
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise ValueError(f"not a broker address (HOST or HOST:PORT): {address!r}")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, _, digits = text.partition(":")
+        if not digits.isdigit():
+            raise ValueError(f"not a broker address (HOST or HOST:PORT): {address!r}")
+        port = int(digits)
+    if not _HOST.fullmatch(host) or not 0 < port < 65536:
+        raise ValueError(f"not a broker address (HOST or HOST:PORT): {address!r}")
+    return host, port
+
+
 def _unix_seconds(timestamp: str) -> int:
     """The broker's RFC 3339 ``expires_at`` as unix seconds."""
     if timestamp.isdigit():  # already unix seconds
@@ -85,6 +106,7 @@ def render_bundle(
     ssh_options: Sequence[str],
     identity_file: str = "",
     certificate_file: str = "",
+    standby_brokers: Sequence[str] = (),
     **retry: int,
 ) -> str:
     """The credential bundle for ``tunnel``'s job, dialing the broker at ``host``.
@@ -98,6 +120,10 @@ def render_bundle(
     ``auth=certificate`` and the job's ssh logs in with the site's certificate on the node,
     ``identity_file`` and ``certificate_file`` (paths on the node; empty: ssh's defaults,
     ``~/.ssh/id_*`` and their ``-cert.pub``).
+
+    ``standby_brokers`` (``HOST`` or ``HOST:PORT``, the port defaulting to the tunnel's SSH
+    port) are further brokers of an active/standby pair: the wrapper tries them in turn after
+    ``host``. The pair shares one host key, so the known_hosts lines pin it under each address.
     """
     certificate = tunnel.auth == "certificate"
     if not _HOST.fullmatch(host):
@@ -108,6 +134,7 @@ def render_bundle(
         raise ValueError(f"not a tunnel id: {tunnel.id!r}")
     if not 0 < tunnel.ssh_port < 65536:
         raise ValueError(f"ssh port out of range: {tunnel.ssh_port}")
+    dials = [(host, tunnel.ssh_port)] + [_broker_address(b, tunnel.ssh_port) for b in standby_brokers]
     for path in (identity_file, certificate_file):
         if path and not _NODE_PATH.fullmatch(path):
             raise ValueError(f"not a file name the job's ssh can read: {path!r}")
@@ -130,6 +157,7 @@ def render_bundle(
         f"host={host}",
         f"ssh_port={tunnel.ssh_port}",
         f"ssh_user={tunnel.ssh_user}",
+        *(f"broker={h}:{p}" for h, p in dials[1:]),
         f"port={tunnel.port}",
         f"tunnel={tunnel.id}",
     ]
@@ -148,7 +176,8 @@ def render_bundle(
         if name.lower() in HOST_KEY_OPTIONS:
             raise ValueError(f"ssh option {option!r} would weaken host-key pinning")
         lines.append(f"ssh_option={option.strip()}")
-    lines.extend(f"known_hosts={line}" for line in pin_known_hosts(tunnel.known_hosts, host, tunnel.ssh_port).splitlines())
+    for dial_host, dial_port in dials:
+        lines.extend(f"known_hosts={line}" for line in pin_known_hosts(tunnel.known_hosts, dial_host, dial_port).splitlines())
     for name, value in sorted(retry.items()):
         least = RETRY_SETTINGS.get(name)
         if least is None:

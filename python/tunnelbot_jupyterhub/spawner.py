@@ -60,6 +60,7 @@ _SEALED = (
     "broker_token_file",
     "ssh_host",
     "ssh_options",
+    "standby_brokers",
     "job_wrapper",
     "credential_dir",
     "tunnel_auth",
@@ -126,6 +127,15 @@ class TunnelbotSpawnerMixin(Spawner):
 
         Empty: use the ssh_host the broker reports (its ssh.public_host); one of the two
         is required.""",
+    ).tag(config=True)
+
+    standby_brokers = ListTrait(
+        Unicode(),
+        help="""Further brokers of an active/standby pair, as the compute nodes see them:
+        `HOST` or `HOST:PORT` (the port defaults to the broker's SSH port), e.g.
+        ["hub-b.example.org"]. The job's wrapper tries ssh_host first, then these in turn,
+        until one answers. Both brokers must share one host key (README, "standby broker").
+        Not needed when ssh_host is one DNS name or virtual IP that follows the active broker.""",
     ).tag(config=True)
 
     ssh_options = ListTrait(
@@ -387,6 +397,7 @@ class TunnelbotSpawnerMixin(Spawner):
             list(self.ssh_options),
             identity_file=self.job_identity_file if certificate else "",
             certificate_file=self.job_certificate_file if certificate else "",
+            standby_brokers=list(self.standby_brokers),
             max_backoff=int(self.max_backoff),
             max_attempts=int(self.max_attempts),
         )

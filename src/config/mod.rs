@@ -33,6 +33,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Threads.
     pub runtime: RuntimeConfig,
+    /// Where tunnel records live: the embedded file, or Redis for an active/standby pair.
+    pub store: crate::store::StoreConfig,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             traefik_redis: Default::default(),
             limits: LimitsConfig::default(),
             runtime: RuntimeConfig::default(),
+            store: crate::store::StoreConfig::default(),
         }
     }
 }

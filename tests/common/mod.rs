@@ -37,7 +37,7 @@ use std::time::Duration;
 pub use broker::{Issued, PROCESS_LIMITS, TestBroker, base_config, metric_value, write_0600};
 pub use chp::{Chp, chp_bin};
 pub use net::{Echo, carries_nothing, echo, free_port, http_backend, roundtrip};
-pub use process::BrokerProcess;
+pub use process::{BrokerProcess, Launching};
 pub use redis::{Redis, redis_server_bin};
 pub use ssh::{Ssh, job_args, keygen, ssh_args, ssh_run};
 pub use systemd::{FakeSystemd, Manager};

@@ -24,6 +24,43 @@ pub struct BrokerProcess {
     http: reqwest::Client,
 }
 
+/// A broker process started but not (yet) ready.
+pub struct Launching {
+    pub child: Child,
+    ready: PathBuf,
+    pub log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Launching {
+    /// Waits (bounded) for the ready file; fails at once if the process exits first.
+    pub async fn ready(mut self) -> anyhow::Result<BrokerProcess> {
+        let (ready, log_path) = (&self.ready, &self.log);
+        let child = &mut self.child;
+        eventually("the broker writes its ready file", async || {
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(log_path).unwrap_or_default();
+                bail!("broker exited early: {status}\n{log}");
+            }
+            Ok(ready.exists())
+        })
+        .await?;
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(ready)?)?;
+        let token = std::fs::read_to_string(self.dir.join("keys/admin.token"))?
+            .trim()
+            .to_owned();
+        Ok(BrokerProcess {
+            child: self.child,
+            ssh: v["ssh"].as_str().context("ssh")?.parse()?,
+            admin: v["admin"].as_str().context("admin")?.parse()?,
+            token,
+            log: self.log,
+            dir: self.dir,
+            http: reqwest::Client::new(),
+        })
+    }
+}
+
 impl BrokerProcess {
     /// Starts `tunnelbot serve --config <config>` and waits (bounded) for its ready file.
     pub async fn start(dir: &Path, config: &Path) -> anyhow::Result<Self> {
@@ -59,17 +96,19 @@ impl BrokerProcess {
 
     /// As `start`, through `command`: the broker binary, or a wrapper that ends in it (so the
     /// caller can add environment, descriptors, or an `sh -c '... exec "$0" "$@"' BIN`).
-    pub async fn start_via(
-        dir: &Path,
-        config: &Path,
-        mut command: Command,
-    ) -> anyhow::Result<Self> {
+    pub async fn start_via(dir: &Path, config: &Path, command: Command) -> anyhow::Result<Self> {
+        Self::launch(dir, config, command)?.ready().await
+    }
+
+    /// Starts the broker without waiting for it to be ready (a standby is not, until it holds
+    /// the lease); `Launching::ready` waits.
+    pub fn launch(dir: &Path, config: &Path, mut command: Command) -> anyhow::Result<Launching> {
         let ready = dir.join("ready.json");
         let _ = std::fs::remove_file(&ready);
         let n = next_id();
         let log_path = dir.join(format!("broker-{n}.log"));
         let log = std::fs::File::create(&log_path)?;
-        let mut child = command
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(config)
@@ -80,26 +119,11 @@ impl BrokerProcess {
             .stderr(log)
             .kill_on_drop(true)
             .spawn()?;
-        eventually("the broker writes its ready file", async || {
-            if let Some(status) = child.try_wait()? {
-                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                bail!("broker exited early: {status}\n{log}");
-            }
-            Ok(ready.exists())
-        })
-        .await?;
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
-        let token = std::fs::read_to_string(dir.join("keys/admin.token"))?
-            .trim()
-            .to_owned();
-        Ok(Self {
+        Ok(Launching {
             child,
-            ssh: v["ssh"].as_str().context("ssh")?.parse()?,
-            admin: v["admin"].as_str().context("admin")?.parse()?,
-            token,
+            ready,
             log: log_path,
             dir: dir.to_owned(),
-            http: reqwest::Client::new(),
         })
     }
 

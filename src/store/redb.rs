@@ -1,28 +1,17 @@
-//! The state that must survive a crash: every issued tunnel, behind a small `Store` seam.
+//! The embedded store: one redb file in the state folder, the default.
 //!
 //! Writes are durable when `put`/`remove` return (redb commits with fsync), so an answer the
-//! admin API has sent is never lost to a SIGKILL. Calls block on disk: async callers go through
-//! `spawn_blocking`. The records themselves are domain types (`record.rs`); this file only
-//! keeps them.
+//! admin API has sent is never lost to a SIGKILL.
 
 use std::path::Path;
 
 use anyhow::Context;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-pub use crate::record::{EndReason, Ended, TunnelRecord, unix_now};
+use super::Store;
+use crate::record::TunnelRecord;
 
 const TUNNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("tunnels_v1");
-
-/// Where tunnel records persist.
-pub trait Store: Send + Sync + 'static {
-    /// Every stored record.
-    fn load(&self) -> anyhow::Result<Vec<TunnelRecord>>;
-    /// Inserts or replaces `record`, durably.
-    fn put(&self, record: &TunnelRecord) -> anyhow::Result<()>;
-    /// Deletes the record `id`, durably; a missing id is not an error.
-    fn remove(&self, id: &str) -> anyhow::Result<()>;
-}
 
 /// The embedded store: one redb file in the state folder.
 pub struct RedbStore {
@@ -76,6 +65,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::{EndReason, Ended};
 
     fn record(id: &str) -> TunnelRecord {
         TunnelRecord {
