@@ -212,13 +212,24 @@ async fn the_standby_takes_over_fifty_live_tunnels() -> anyhow::Result<()> {
         notebooks.push(notebook);
         users.push((user, issued.port));
     }
-    a.wait_connected(JOBS).await?;
+    // One more job, which dies with A and never comes back: its route names A.
+    let lost = a.issue("lost").await?;
+    let line = lost.json["known_hosts"].as_str().context("known_hosts")?;
+    std::fs::write(&lost.known_hosts, known_hosts_for_both(line, &hosts)?)?;
+    let lost_notebook = common::http_backend("lost").await?;
+    let lost_job = Job::start(&hosts, &lost.key, &lost.known_hosts, lost_notebook.port)?;
+    let lost_route = [("lost".to_owned(), lost.port)];
+    a.wait_connected(JOBS + 1).await?;
     eventually("every route points at A", async || {
-        anyhow::Ok(routed_to(&chp, ip_a, &users).await? == JOBS)
+        anyhow::Ok(
+            routed_to(&chp, ip_a, &users).await? == JOBS
+                && routed_to(&chp, ip_a, &lost_route).await? == 1,
+        )
     })
     .await?;
     all_reachable(&chp, &users).await?;
-    let before = tunnels(&a).await?;
+    let others = |t: &(String, u16, bool)| t.0 != lost.id;
+    let before: Vec<_> = tunnels(&a).await?.into_iter().filter(others).collect();
 
     // The standby serves nothing: no SSH, no hub port, no admin API (it has no ready file).
     assert!(refuses(SocketAddr::new(ip_b, SSH_PORT)).await);
@@ -227,6 +238,7 @@ async fn the_standby_takes_over_fifty_live_tunnels() -> anyhow::Result<()> {
 
     let killed = Instant::now();
     a.kill().await?;
+    drop(lost_job);
     let b = standby.ready().await?;
     let active = killed.elapsed();
     b.wait_connected(JOBS).await?;
@@ -240,13 +252,18 @@ async fn the_standby_takes_over_fifty_live_tunnels() -> anyhow::Result<()> {
     let served = killed.elapsed();
 
     // Same tunnels, same hub ports, all connected, now on B's address.
-    let mut after = tunnels(&b).await?;
+    let mut after: Vec<_> = tunnels(&b).await?.into_iter().filter(others).collect();
     let mut before: Vec<_> = before.into_iter().map(|(id, port, _)| (id, port)).collect();
     before.sort();
     after.sort();
     assert!(after.iter().all(|t| t.2), "every tunnel is connected on B");
     let after: Vec<_> = after.into_iter().map(|(id, port, _)| (id, port)).collect();
     assert_eq!(after, before);
+    // The lost job's route to A, which nobody serves now, is B's to delete: B holds its tunnel.
+    eventually("the lost job's stale route is gone", async || {
+        anyhow::Ok(chp.routes().await?.get("/user/lost").is_none())
+    })
+    .await?;
     let table = chp.routes().await?.to_string();
     assert!(!table.contains(&format!("http://{ip_a}:")), "{table}");
     eprintln!(

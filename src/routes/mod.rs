@@ -138,6 +138,10 @@ struct Inner {
     interval: Duration,
     metrics: Metrics,
     seq: AtomicU64,
+    /// The route path and hub port of every tunnel this broker holds, issued until purged:
+    /// a stamped route there to that port is ours whatever host it names (the other broker
+    /// of a pair wrote it before a failover).
+    held: Mutex<HashMap<String, (RoutePath, u16)>>,
 }
 
 impl Routes {
@@ -163,6 +167,7 @@ impl Routes {
                 interval,
                 metrics,
                 seq: AtomicU64::new(0),
+                held: Mutex::default(),
             }),
         }
     }
@@ -282,11 +287,41 @@ impl Routes {
         }
     }
 
-    /// Whether a stamped, readable route is one of ours: it targets our host and our range.
+    /// Whether a stamped, readable route is one of ours: it targets our range, and either our
+    /// host or the port of the tunnel we hold at that path (written by the other broker of a
+    /// pair before it failed over to us; left, it would point at a port nobody serves there).
     fn ours(&self, entry: &RouteEntry) -> bool {
-        entry.owner == Owner::TUNNELBOT
-            && entry.target.host == self.inner.target_host
-            && self.inner.range.contains(entry.target.port)
+        if entry.owner != Owner::TUNNELBOT || !self.inner.range.contains(entry.target.port) {
+            return false;
+        }
+        entry.target.host == self.inner.target_host
+            || self
+                .inner
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .any(|(path, port)| *path == entry.path && *port == entry.target.port)
+    }
+
+    /// Tunnel `id` of `user`'s `server_name` holds hub port `port` (issued or restored).
+    fn hold(&self, id: &str, user: &str, server_name: &str, port: u16) {
+        if let Ok(entry) = self.entry_for(user, server_name, port) {
+            self.inner
+                .held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_owned(), (entry.path, port));
+        }
+    }
+
+    /// Tunnel `id` is forgotten.
+    fn forget(&self, id: &str) {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 }
 
@@ -301,9 +336,14 @@ impl crate::registry::Watcher for Routes {
                 server_name,
                 port,
             } => self.want(id, user, server_name, *port),
-            Change::Unlinked { id } | Change::Purged { id } => self.unwant(id),
+            Change::Unlinked { id } => self.unwant(id),
+            Change::Purged { id } => {
+                self.unwant(id);
+                self.forget(id);
+            }
             Change::Ended(record) => self.unwant(&record.id),
-            Change::Issued(_) | Change::Renewed(_) => {}
+            Change::Issued(r) => self.hold(&r.id, &r.user, &r.server_name, r.port),
+            Change::Renewed(_) => {}
         }
     }
 }

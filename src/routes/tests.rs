@@ -267,3 +267,46 @@ async fn a_failing_backend_is_retried_at_the_next_interval() {
     next_pass().await;
     assert_eq!(r.fake.route("/user/alice"), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_pair_members_stale_route_to_a_tunnel_we_hold_is_deleted_and_nothing_else() {
+    use crate::registry::{Change, Watcher};
+    let r = rig().await;
+    // The other broker of a pair wrote these before it failed over to us.
+    r.fake.insert(
+        "/user/alice",
+        Stored::stamped("http://10.0.0.9:20001", "alice"),
+    );
+    r.fake
+        .insert("/user/bob", Stored::stamped("http://10.0.0.9:20002", "bob"));
+    // alice's tunnel on 20001 is ours now (restored); its job has not reconnected.
+    r.routes
+        .changed(&Change::Issued(crate::record::TunnelRecord {
+            id: "t1".into(),
+            user: "alice".into(),
+            port: 20001,
+            ..Default::default()
+        }));
+    next_pass().await;
+    assert_eq!(r.fake.route("/user/alice"), None);
+    assert_eq!(
+        r.fake.route("/user/bob"),
+        Some(Stored::stamped("http://10.0.0.9:20002", "bob")),
+        "a route to a tunnel we do not hold is not ours"
+    );
+    // Another port at alice's path is not her tunnel's: left alone too.
+    r.fake.insert(
+        "/user/alice",
+        Stored::stamped("http://10.0.0.9:20003", "alice"),
+    );
+    next_pass().await;
+    assert!(r.fake.route("/user/alice").is_some());
+    // Once purged, the tunnel's path and port are no longer ours.
+    r.routes.changed(&Change::Purged { id: "t1".into() });
+    r.fake.insert(
+        "/user/alice",
+        Stored::stamped("http://10.0.0.9:20001", "alice"),
+    );
+    next_pass().await;
+    assert!(r.fake.route("/user/alice").is_some());
+}
