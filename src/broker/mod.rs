@@ -290,11 +290,6 @@ impl Broker {
         self.inner.sessions.release(grant.id(), session_id);
     }
 
-    /// Logged-in sessions.
-    pub fn sessions_logged_in(&self) -> usize {
-        self.inner.sessions.len()
-    }
-
     /// Decides a `tcpip-forward` request and, if granted, links the session to the tunnel. The
     /// request's own faults are named first, then a session that already forwards
     /// (`already_forwarding`), then a grant that has ended.

@@ -53,16 +53,6 @@ impl Grants {
         self.by_id.iter().map(|g| Arc::clone(&g)).collect()
     }
 
-    /// How many grants are held (active or ended but retained).
-    pub fn len(&self) -> usize {
-        self.by_id.len()
-    }
-
-    /// Whether no grant is held.
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
     /// Forgets `id` entirely.
     pub fn remove(&self, id: &str) -> Option<Arc<Grant>> {
         let (_, grant) = self.by_id.remove(id)?;
@@ -148,6 +138,6 @@ mod tests {
             g.authenticate("tb", "tb", "fpA", 50).unwrap_err(),
             AuthRefusal::UnknownKey
         );
-        assert_eq!(g.len(), 1);
+        assert_eq!(g.all().len(), 1);
     }
 }
