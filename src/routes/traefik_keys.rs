@@ -139,6 +139,38 @@ impl Layout {
         ])
     }
 
+    /// Every key of the route at `path` that its layout names: the stamp first, the target
+    /// second (the delete script checks those two), then the rest of what `pairs` writes and
+    /// the data fields the hub writes for other kinds of route. Lists longer than one item
+    /// (`entryPoints/1`, `servers/1/url`) are found by the script from these.
+    pub fn named_keys(&self, path: &RoutePath) -> Vec<String> {
+        let k = self.keys(path);
+        let mut keys = vec![
+            format!("{}data/{}", k.data_dir, Owner::TUNNELBOT.name()),
+            format!("{}target", k.data_dir),
+        ];
+        // JupyterHub's add_user, add_service and add_hub_route data: an orphaned data key
+        // (a route without its routespec) would make the hub's get_all_routes fail.
+        for field in [
+            "routespec",
+            "router",
+            "service",
+            DATA_USER,
+            DATA_SERVER,
+            DATA_HUB,
+            "data/service",
+        ] {
+            keys.push(format!("{}{field}", k.data_dir));
+        }
+        for field in ["rule", "service", "entryPoints/0"] {
+            keys.push(format!("{}{field}", k.router_dir));
+        }
+        for field in ["servers/0/url", "passHostHeader"] {
+            keys.push(format!("{}loadBalancer/{field}", k.service_dir));
+        }
+        keys
+    }
+
     /// The data-tree field names `get` reads for one route, in a fixed order.
     pub fn fields() -> [&'static str; 6] {
         [
@@ -216,12 +248,18 @@ pub fn alias(routespec: &str, kind: &str) -> String {
 
 /// `traefik_utils.generate_rule` for a path routespec: the decoded path as a prefix, and the
 /// path without its slash exactly. A backtick would end traefik's quoted string and let a name
-/// write rule syntax (`x`) || PathPrefix(`/`), say), so such a path is refused.
+/// write rule syntax (`x`) || PathPrefix(`/`), say), and braces are a regex in traefik's v2
+/// rule syntax (`PathPrefix(`/user/{x:.*}/`)` matches every user's path), so such a path is
+/// refused.
 pub fn rule(routespec: &str) -> anyhow::Result<String> {
     let Some(path) = percent_decode(routespec) else {
         bail!("routespec {routespec:?} does not decode");
     };
-    if !path.starts_with('/') || !path.ends_with('/') || path.contains('`') || path.len() < 2 {
+    if !path.starts_with('/')
+        || !path.ends_with('/')
+        || path.contains(['`', '{', '}'])
+        || path.len() < 2
+    {
         bail!("refusing a traefik rule for {path:?}: not a plain path prefix");
     }
     let bare = path.trim_end_matches('/');
@@ -299,6 +337,13 @@ mod tests {
             assert_eq!(pairs.get(&k).map(String::as_str), Some(v), "{k}");
         }
         assert_eq!(pairs.len(), 12);
+        // The delete names every key put writes, the stamp and the target first.
+        let named = layout().named_keys(&alice);
+        for k in pairs.keys() {
+            assert!(named.contains(k), "{k}");
+        }
+        assert_eq!(named[0], format!("jupyterhub/routes/{r}/data/tunnelbot"));
+        assert_eq!(named[1], format!("jupyterhub/routes/{r}/target"));
 
         let odd = path("/jh/", "a b@x.org_2f", "gpu-1");
         assert_eq!(routespec(&odd), "/jh/user/a%20b@x.org_2f/gpu-1/");
@@ -370,6 +415,9 @@ mod tests {
         for bad in [
             "/user/x%60) || PathPrefix(%60/",
             "/user/x`/",
+            "/user/{x:.*}/",
+            "/user/%7Bx:.%2A%7D/",
+            "/user/a}/",
             "/user/%zz/",
             "/",
             "user/x/",
