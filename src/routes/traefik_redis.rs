@@ -27,14 +27,11 @@
 //!   hub API settings `[chp]` already holds (or a managed service's environment).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use redis::IntoConnectionInfo;
+use anyhow::Context;
 use redis::aio::MultiplexedConnection;
-use serde::Deserialize;
 use tokio::sync::Mutex;
 use tracing::info;
 
@@ -45,84 +42,15 @@ use crate::keys::read_secret_file;
 use crate::port_range::PortRange;
 use crate::secret::Secret;
 
+mod config;
+pub use config::{TraefikRedisConfig, check_config};
+use config::{connection_info, layout};
+
 /// Bound on one Redis call, connecting included, so a hung Redis cannot stall the worker.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Keys one SCAN page asks for and one MGET reads: the most any single `list` call touches.
 const PAGE: usize = 500;
-
-/// `[traefik_redis]`: where the routes go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TraefikRedisConfig {
-    /// `redis://host:port/db` (a user name may be given; the password goes in `password_file`).
-    pub url: String,
-    /// A 0600 file holding Redis's password (`requirepass` or the ACL user's).
-    pub password_file: Option<PathBuf>,
-    /// `TraefikRedisProxy.kv_jupyterhub_prefix`.
-    pub jupyterhub_prefix: String,
-    /// `TraefikRedisProxy.kv_traefik_prefix`: traefik's Redis provider `rootKey`.
-    pub traefik_prefix: String,
-    /// `TraefikRedisProxy.traefik_entrypoint`: the entrypoint the routers attach to.
-    pub entrypoint: String,
-}
-
-impl Default for TraefikRedisConfig {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379/0".into(),
-            password_file: None,
-            jupyterhub_prefix: "jupyterhub".into(),
-            traefik_prefix: "traefik".into(),
-            entrypoint: "http".into(),
-        }
-    }
-}
-
-/// Checks `[traefik_redis]` without connecting: the URL, the password file's permissions, the
-/// layout.
-pub fn check_config(config: &TraefikRedisConfig) -> anyhow::Result<()> {
-    connection_info(config, None)?;
-    if let Some(path) = &config.password_file {
-        crate::keys::check_private_file(path).context("traefik_redis.password_file")?;
-    }
-    layout(config)?;
-    Ok(())
-}
-
-fn layout(config: &TraefikRedisConfig) -> anyhow::Result<Layout> {
-    Layout::new(
-        &config.jupyterhub_prefix,
-        &config.traefik_prefix,
-        &config.entrypoint,
-    )
-}
-
-/// The URL's connection info, with `password` set. A password in the URL is refused: the
-/// URL is config that gets printed, the password file is not.
-fn connection_info(
-    config: &TraefikRedisConfig,
-    password: Option<&Secret>,
-) -> anyhow::Result<redis::ConnectionInfo> {
-    if !config.url.starts_with("redis://") {
-        bail!("traefik_redis.url must start with redis://");
-    }
-    let info = config
-        .url
-        .as_str()
-        .into_connection_info()
-        .context("traefik_redis.url is not a Redis URL")?;
-    if info.redis_settings().password().is_some() {
-        bail!("traefik_redis.url holds a password: put it in traefik_redis.password_file");
-    }
-    Ok(match password {
-        Some(p) => {
-            let settings = info.redis_settings().clone().set_password(p.expose());
-            info.set_redis_settings(settings)
-        }
-        None => info,
-    })
-}
 
 /// The routes in traefik's Redis.
 pub struct TraefikRedis {
