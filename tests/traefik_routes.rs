@@ -196,9 +196,10 @@ async fn hostile_names_stay_in_their_own_keys_and_rules() -> anyhow::Result<()> 
     let traefik = Traefik::start(&redis).await?;
     let broker = broker(&redis, "").await?;
     let notebook = http_backend("nb").await?;
-    // Glob characters, our escape character spelling another route's alias, and a rule
-    // breaker; every one a name JupyterHub accepts.
-    let names = ["a*[x]?", "b_2fuser_2falice", "c`) || host(`x"];
+    // Glob characters, our escape character spelling another route's alias, a rule breaker,
+    // and a regex in traefik's v2 rule syntax that would match every user's path; every one a
+    // name JupyterHub accepts.
+    let names = ["a*[x]?", "b_2fuser_2falice", "c`) || host(`x", "{u:.*}"];
     let mut jobs = Vec::new();
     let mut issued = Vec::new();
     for name in names {
@@ -212,10 +213,13 @@ async fn hostile_names_stay_in_their_own_keys_and_rules() -> anyhow::Result<()> 
             .await
             .map_err(|e| e.context(name.to_string()))?;
     }
-    // The rule breaker gets no route at all; it is refused on every pass.
-    broker
-        .wait_tunnel(&issued[2].id, "refused", |t| t["route"] == "error")
-        .await?;
+    // The rule breakers get no route at all; they are refused on every pass.
+    for (name, i) in names.iter().zip(&issued).skip(2) {
+        broker
+            .wait_tunnel(&i.id, "refused", |t| t["route"] == "error")
+            .await
+            .map_err(|e| e.context(name.to_string()))?;
+    }
     let mut all = redis_keys(&redis, "*").await?;
     all.retain(|k, _| !k.starts_with("traefik/http/routers/sentinel/"));
     let aliases = [

@@ -139,6 +139,38 @@ impl Layout {
         ])
     }
 
+    /// Every key of the route at `path` that its layout names: the stamp first, the target
+    /// second (the delete script checks those two), then the rest of what `pairs` writes and
+    /// the data fields the hub writes for other kinds of route. Lists longer than one item
+    /// (`entryPoints/1`, `servers/1/url`) are found by the script from these.
+    pub fn named_keys(&self, path: &RoutePath) -> Vec<String> {
+        let k = self.keys(path);
+        let mut keys = vec![
+            format!("{}data/{}", k.data_dir, Owner::TUNNELBOT.name()),
+            format!("{}target", k.data_dir),
+        ];
+        // JupyterHub's add_user, add_service and add_hub_route data: an orphaned data key
+        // (a route without its routespec) would make the hub's get_all_routes fail.
+        for field in [
+            "routespec",
+            "router",
+            "service",
+            DATA_USER,
+            DATA_SERVER,
+            DATA_HUB,
+            "data/service",
+        ] {
+            keys.push(format!("{}{field}", k.data_dir));
+        }
+        for field in ["rule", "service", "entryPoints/0"] {
+            keys.push(format!("{}{field}", k.router_dir));
+        }
+        for field in ["servers/0/url", "passHostHeader"] {
+            keys.push(format!("{}loadBalancer/{field}", k.service_dir));
+        }
+        keys
+    }
+
     /// The data-tree field names `get` reads for one route, in a fixed order.
     pub fn fields() -> [&'static str; 6] {
         [
@@ -216,12 +248,18 @@ pub fn alias(routespec: &str, kind: &str) -> String {
 
 /// `traefik_utils.generate_rule` for a path routespec: the decoded path as a prefix, and the
 /// path without its slash exactly. A backtick would end traefik's quoted string and let a name
-/// write rule syntax (`x`) || PathPrefix(`/`), say), so such a path is refused.
+/// write rule syntax (`x`) || PathPrefix(`/`), say), and braces are a regex in traefik's v2
+/// rule syntax (`PathPrefix(`/user/{x:.*}/`)` matches every user's path), so such a path is
+/// refused.
 pub fn rule(routespec: &str) -> anyhow::Result<String> {
     let Some(path) = percent_decode(routespec) else {
         bail!("routespec {routespec:?} does not decode");
     };
-    if !path.starts_with('/') || !path.ends_with('/') || path.contains('`') || path.len() < 2 {
+    if !path.starts_with('/')
+        || !path.ends_with('/')
+        || path.contains(['`', '{', '}'])
+        || path.len() < 2
+    {
         bail!("refusing a traefik rule for {path:?}: not a plain path prefix");
     }
     let bare = path.trim_end_matches('/');
@@ -247,155 +285,4 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn path(base: &str, user: &str, server: &str) -> RoutePath {
-        RoutePath::new(&BaseUrl::new(base).unwrap(), user, server).unwrap()
-    }
-
-    fn layout() -> Layout {
-        Layout::new("jupyterhub", "traefik", "http").unwrap()
-    }
-
-    /// The values JupyterHub 2.1.0's TraefikRedisProxy wrote for alice (shared notes), and what
-    /// escapism gives for characters the hub's quoting leaves alone.
-    #[test]
-    fn keys_as_jupyterhub_writes_them() {
-        let alice = path("/", "alice", "");
-        let entry = RouteEntry::new(
-            alice.clone(),
-            Target::parse("http://127.0.0.1:18123").unwrap(),
-        );
-        let pairs: HashMap<String, String> = layout().pairs(&entry).unwrap().into_iter().collect();
-        let r = "router__2Fuser_2Falice_2F";
-        let s = "service__2Fuser_2Falice_2F";
-        for (k, v) in [
-            (format!("jupyterhub/routes/{r}/routespec"), "/user/alice/"),
-            (
-                format!("jupyterhub/routes/{r}/target"),
-                "http://127.0.0.1:18123",
-            ),
-            (format!("jupyterhub/routes/{r}/router"), r),
-            (format!("jupyterhub/routes/{r}/service"), s),
-            (format!("jupyterhub/routes/{r}/data/user"), "alice"),
-            (format!("jupyterhub/routes/{r}/data/server_name"), ""),
-            (format!("jupyterhub/routes/{r}/data/tunnelbot"), "true"),
-            (
-                format!("traefik/http/routers/{r}/rule"),
-                "( PathPrefix(`/user/alice/`) || Path(`/user/alice`) )",
-            ),
-            (format!("traefik/http/routers/{r}/entryPoints/0"), "http"),
-            (format!("traefik/http/routers/{r}/service"), s),
-            (
-                format!("traefik/http/services/{s}/loadBalancer/servers/0/url"),
-                "http://127.0.0.1:18123",
-            ),
-            (
-                format!("traefik/http/services/{s}/loadBalancer/passHostHeader"),
-                "true",
-            ),
-        ] {
-            assert_eq!(pairs.get(&k).map(String::as_str), Some(v), "{k}");
-        }
-        assert_eq!(pairs.len(), 12);
-
-        let odd = path("/jh/", "a b@x.org_2f", "gpu-1");
-        assert_eq!(routespec(&odd), "/jh/user/a%20b@x.org_2f/gpu-1/");
-        assert_eq!(
-            alias(&routespec(&odd), "router"),
-            "router__2Fjh_2Fuser_2Fa_2520b_40x_2Eorg_5F2f_2Fgpu-1_2F"
-        );
-        assert_eq!(alias("/\u{e9}\u{1}/", "x"), "x__2F_C3_A9_1_2F");
-    }
-
-    #[test]
-    fn what_reads_back_as_ours() {
-        let base = BaseUrl::new("/").unwrap();
-        let entry = RouteEntry::new(
-            path("/", "bob", "gpu"),
-            Target::parse("http://127.0.0.1:20001").unwrap(),
-        );
-        let l = layout();
-        let pairs = l.pairs(&entry).unwrap();
-        let fields = |pairs: &[(String, String)]| -> (String, HashMap<String, String>) {
-            let mut router = String::new();
-            let mut f = HashMap::new();
-            for (k, v) in pairs {
-                if let Some((r, field)) = l.split(k) {
-                    router = r.to_owned();
-                    f.insert(field.to_owned(), v.clone());
-                }
-            }
-            (router, f)
-        };
-        let read_back = |router: &str, f: &HashMap<String, String>| {
-            let f: HashMap<&str, &str> = f.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            read(&base, router, &f)
-        };
-        let (router, f) = fields(&pairs);
-        assert_eq!(read_back(&router, &f), Some(entry.clone()));
-        // Without the stamp (the hub's own write), under another alias, or a routespec that is
-        // not canonical or not a server route: not ours.
-        for (field, value) in [
-            ("data/tunnelbot", None),
-            ("data/tunnelbot", Some("True")),
-            ("routespec", Some("/user/bob/gpu")),
-            ("routespec", Some("/user/%62ob/gpu/")),
-            ("routespec", Some("/user/bob/")),
-            ("routespec", Some("/hub/")),
-            ("routespec", Some("/")),
-            ("router", Some("router__2F")),
-            ("target", Some("https://127.0.0.1:20001")),
-            ("data/user", None),
-        ] {
-            let mut f = f.clone();
-            match value {
-                Some(v) => f.insert(field.into(), v.into()),
-                None => f.remove(field),
-            };
-            assert_eq!(read_back(&router, &f), None, "{field} = {value:?}");
-        }
-        assert_eq!(read_back("router__2Fuser_2Fbob_2F", &f), None);
-        let hub: HashMap<&str, &str> = [("data/hub", "true")].into();
-        assert!(is_hub(&hub));
-    }
-
-    #[test]
-    fn rules_refuse_what_would_change_their_meaning() {
-        assert_eq!(
-            rule("/jh/user/a%20b@x.org/").unwrap(),
-            "( PathPrefix(`/jh/user/a b@x.org/`) || Path(`/jh/user/a b@x.org`) )"
-        );
-        for bad in [
-            "/user/x%60) || PathPrefix(%60/",
-            "/user/x`/",
-            "/user/%zz/",
-            "/",
-            "user/x/",
-        ] {
-            assert!(rule(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn prefixes_and_entrypoints() {
-        let l = Layout::new("jh/", "tr", "web-1").unwrap();
-        assert_eq!(l.routes_dir(), "jh/routes/");
-        assert_eq!(
-            l.split("jh/routes/router__2F/data/user"),
-            Some(("router__2F", "data/user"))
-        );
-        assert_eq!(l.split("jhx/routes/a/b"), None);
-        for (jh, tr, ep) in [
-            ("", "traefik", "http"),
-            ("j*", "traefik", "http"),
-            ("jupyterhub", "traefik", "a b"),
-            ("same", "same/", "http"),
-            ("/jh", "traefik", "http"),
-            ("a//b", "traefik", "http"),
-        ] {
-            assert!(Layout::new(jh, tr, ep).is_err(), "{jh} {tr} {ep}");
-        }
-    }
-}
+mod tests;

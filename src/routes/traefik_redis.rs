@@ -4,109 +4,53 @@
 //!
 //! - `put` is one MULTI/EXEC of an MSET (what the library itself sends), so traefik's provider,
 //!   which reads the whole tree, never sees half a route.
-//! - `delete` is one Lua script that SCANs and deletes the route's three subtrees (the
-//!   library's own delete script, run once for all three): atomic, and it also removes keys a
-//!   writer of another shape left there.
-//! - `list` is one Lua script that returns every key and value under `<jh>/routes/`: a
-//!   consistent snapshot, in one round trip. What is not stamped or not readable is invisible.
+//! - `delete` is one small Lua script (`traefik_delete.lua`) that checks the route is still
+//!   ours (our stamp, and a target on our tunnel host in our port range) and deletes the keys
+//!   the route's layout names, as one atomic step. It never SCANs: Redis cannot interrupt a
+//!   running script (our `CALL_TIMEOUT` only stops waiting for it), and one that has written
+//!   cannot be killed, so a script's work must not grow with the keyspace.
+//! - `list` walks `<jh>/routes/*` with SCAN pages and MGET batches from here, as the library's
+//!   `scan_iter` does: every call touches at most `PAGE` keys. It is no snapshot: a route
+//!   written or deleted during the walk may read half there, which `traefik_keys::read` does
+//!   not accept as ours, so it is skipped this pass and the reconciler sees it whole at the
+//!   next (a missing wanted route is simply written again).
 //! - Every call is bounded (`CALL_TIMEOUT`); a failed call drops the connection, and the next
 //!   call dials again, so a Redis restart or a dead link never wedges the route worker.
+//! - The hub writing a route at a path we stamped (its `add_route` MSET) leaves our
+//!   `data/tunnelbot` key there. When that route's target is our tunnel host and range (what
+//!   the spawner returns: the tunnel's own hub port), our delete removes it once the tunnel
+//!   ends, as intended: the port is free and no route may point at it. A route the hub wrote
+//!   with any other target is never deleted; the script checks the target itself, so a hub
+//!   write between our read and our delete cannot slip through.
 //! - A Redis that restarted empty has lost the hub's route too; the reconciler sees it missing
 //!   and `proxy_restarted` asks the hub to restore its routes (`POST /hub/api/proxy`), with the
 //!   hub API settings `[chp]` already holds (or a managed service's environment).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-use redis::IntoConnectionInfo;
+use anyhow::Context;
 use redis::aio::MultiplexedConnection;
-use serde::Deserialize;
 use tokio::sync::Mutex;
+use tracing::info;
 
 use super::ChpConfig;
 use super::traefik_keys::{self, Layout};
 use super::{BaseUrl, BoxFuture, Listing, RouteBackend, RouteEntry, RoutePath};
 use crate::keys::read_secret_file;
+use crate::port_range::PortRange;
 use crate::secret::Secret;
+
+mod config;
+pub use config::{TraefikRedisConfig, check_config};
+use config::{connection_info, layout};
 
 /// Bound on one Redis call, connecting included, so a hung Redis cannot stall the worker.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `[traefik_redis]`: where the routes go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TraefikRedisConfig {
-    /// `redis://host:port/db` (a user name may be given; the password goes in `password_file`).
-    pub url: String,
-    /// A 0600 file holding Redis's password (`requirepass` or the ACL user's).
-    pub password_file: Option<PathBuf>,
-    /// `TraefikRedisProxy.kv_jupyterhub_prefix`.
-    pub jupyterhub_prefix: String,
-    /// `TraefikRedisProxy.kv_traefik_prefix`: traefik's Redis provider `rootKey`.
-    pub traefik_prefix: String,
-    /// `TraefikRedisProxy.traefik_entrypoint`: the entrypoint the routers attach to.
-    pub entrypoint: String,
-}
-
-impl Default for TraefikRedisConfig {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379/0".into(),
-            password_file: None,
-            jupyterhub_prefix: "jupyterhub".into(),
-            traefik_prefix: "traefik".into(),
-            entrypoint: "http".into(),
-        }
-    }
-}
-
-/// Checks `[traefik_redis]` without connecting: the URL, the password file's permissions, the
-/// layout.
-pub fn check_config(config: &TraefikRedisConfig) -> anyhow::Result<()> {
-    connection_info(config, None)?;
-    if let Some(path) = &config.password_file {
-        crate::keys::check_private_file(path).context("traefik_redis.password_file")?;
-    }
-    layout(config)?;
-    Ok(())
-}
-
-fn layout(config: &TraefikRedisConfig) -> anyhow::Result<Layout> {
-    Layout::new(
-        &config.jupyterhub_prefix,
-        &config.traefik_prefix,
-        &config.entrypoint,
-    )
-}
-
-/// The URL's connection info, with `password` set. A password in the URL is refused: the
-/// URL is config that gets printed, the password file is not.
-fn connection_info(
-    config: &TraefikRedisConfig,
-    password: Option<&Secret>,
-) -> anyhow::Result<redis::ConnectionInfo> {
-    if !config.url.starts_with("redis://") {
-        bail!("traefik_redis.url must start with redis://");
-    }
-    let info = config
-        .url
-        .as_str()
-        .into_connection_info()
-        .context("traefik_redis.url is not a Redis URL")?;
-    if info.redis_settings().password().is_some() {
-        bail!("traefik_redis.url holds a password: put it in traefik_redis.password_file");
-    }
-    Ok(match password {
-        Some(p) => {
-            let settings = info.redis_settings().clone().set_password(p.expose());
-            info.set_redis_settings(settings)
-        }
-        None => info,
-    })
-}
+/// Keys one SCAN page asks for and one MGET reads: the most any single `list` call touches.
+const PAGE: usize = 500;
 
 /// The routes in traefik's Redis.
 pub struct TraefikRedis {
@@ -114,6 +58,8 @@ pub struct TraefikRedis {
     conn: Mutex<Option<MultiplexedConnection>>,
     layout: Layout,
     base_url: BaseUrl,
+    /// What a target of ours looks like, for the delete script's check.
+    tunnels: TunnelTargets,
     hub: Option<(String, Secret)>,
     http: reqwest::Client,
 }
@@ -128,56 +74,38 @@ impl std::fmt::Debug for TraefikRedis {
     }
 }
 
-/// Returns every key under `ARGV[1]` (a SCAN pattern) and its value, flat: k1, v1, k2, v2.
-/// Keys that are not strings (nobody's route) are skipped rather than failing the whole list.
-static LIST: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local out = {}
-local cursor = "0"
-repeat
-    local page = redis.call("SCAN", cursor, "MATCH", ARGV[1], "COUNT", 1000)
-    cursor = page[1]
-    for _, key in ipairs(page[2]) do
-        if redis.call("TYPE", key).ok == "string" then
-            out[#out + 1] = key
-            out[#out + 1] = redis.call("GET", key)
-        end
-    end
-until cursor == "0"
-return out
-"#,
-    )
-});
+/// The tunnel host and hub ports: a route targeting anything else is not ours to delete.
+#[derive(Debug, Clone)]
+pub struct TunnelTargets {
+    /// `http://<host>:`, the targets' common start.
+    target_prefix: String,
+    ports: PortRange,
+}
 
-/// Deletes every key under each SCAN pattern in ARGV, in one atomic step; returns how many.
-static DELETE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
-local n = 0
-for _, pattern in ipairs(ARGV) do
-    local cursor = "0"
-    repeat
-        local page = redis.call("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-        cursor = page[1]
-        for _, key in ipairs(page[2]) do
-            n = n + redis.call("DEL", key)
-        end
-    until cursor == "0"
-end
-return n
-"#,
-    )
-});
+impl TunnelTargets {
+    /// Targets `http://<host>:<port>` with `port` in `ports`, as `Routes` makes them.
+    pub fn new(host: &str, ports: PortRange) -> Self {
+        Self {
+            target_prefix: format!("http://{host}:"),
+            ports,
+        }
+    }
+}
+
+/// Checks and deletes one route (see the script's header).
+static DELETE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("traefik_delete.lua")));
 
 impl TraefikRedis {
-    /// From `[traefik_redis]`, for routes under `base_url`; the hub's API (to restore its
-    /// routes after Redis lost them) from `[chp]`'s `hub_api_url` and `hub_token_file`, else
-    /// the managed-service environment. Nothing connects until the first call.
+    /// From `[traefik_redis]`, for routes under `base_url` to `tunnels`; the hub's API (to
+    /// restore its routes after Redis lost them) from `[chp]`'s `hub_api_url` and
+    /// `hub_token_file`, else the managed-service environment. Nothing connects until the
+    /// first call.
     pub fn from_config(
         config: &TraefikRedisConfig,
         chp: &ChpConfig,
         base_url: BaseUrl,
+        tunnels: TunnelTargets,
     ) -> anyhow::Result<Self> {
         let password = config
             .password_file
@@ -192,6 +120,7 @@ impl TraefikRedis {
             conn: Mutex::new(None),
             layout: layout(config)?,
             base_url,
+            tunnels,
             hub,
             http: reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?,
         })
@@ -238,27 +167,61 @@ impl TraefikRedis {
         result
     }
 
-    /// SCAN pattern for every key below `dir` (which holds no glob characters: the layout
-    /// refuses them in prefixes, aliases are letters, digits, `-` and `_`).
-    fn below(dir: &str) -> String {
-        format!("{dir}*")
+    /// Every string key under `<jh>/routes/` and its value, a page at a time. Keys seen twice
+    /// (SCAN may return one again) are read once; keys gone or not strings by the MGET are
+    /// skipped.
+    async fn walk(&self) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        // The prefix holds no glob characters: the layout refuses them.
+        let pattern = &format!("{}*", self.layout.routes_dir());
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, page): (u64, Vec<Vec<u8>>) = self
+                .call("listing routes", |mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(PAGE)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            keys.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(PAGE) {
+            let values: Vec<Option<Vec<u8>>> = self
+                .call("reading routes", |mut c| async move {
+                    redis::cmd("MGET").arg(batch).query_async(&mut c).await
+                })
+                .await?;
+            out.extend(
+                batch
+                    .iter()
+                    .zip(values)
+                    .filter_map(|(k, v)| Some((k.clone(), v?))),
+            );
+        }
+        Ok(out)
     }
 }
 
 impl RouteBackend for TraefikRedis {
     fn list(&self) -> BoxFuture<'_, anyhow::Result<Listing>> {
         Box::pin(async move {
-            let pattern = Self::below(&self.layout.routes_dir());
-            let flat: Vec<Vec<u8>> = self
-                .call("listing routes", |mut c| async move {
-                    LIST.arg(pattern).invoke_async(&mut c).await
-                })
-                .await?;
+            let flat = self.walk().await?;
             // router alias -> field -> value; keys or values that are not UTF-8 are nobody's.
             let mut routes: HashMap<&str, HashMap<&str, &str>> = HashMap::new();
-            for pair in flat.chunks_exact(2) {
-                let (Ok(key), Ok(value)) =
-                    (std::str::from_utf8(&pair[0]), std::str::from_utf8(&pair[1]))
+            for (key, value) in &flat {
+                let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value))
                 else {
                     continue;
                 };
@@ -316,11 +279,25 @@ impl RouteBackend for TraefikRedis {
     fn delete<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<()>> {
         Box::pin(async move {
             let k = self.layout.keys(path);
-            let patterns = [&k.data_dir, &k.router_dir, &k.service_dir].map(|d| Self::below(d));
-            self.call("deleting a route", |mut c| async move {
-                DELETE.arg(&patterns[..]).invoke_async::<i64>(&mut c).await
-            })
-            .await?;
+            let keys = self.layout.named_keys(path);
+            let t = &self.tunnels;
+            let deleted: i64 = self
+                .call("deleting a route", |mut c| async move {
+                    DELETE
+                        .key(keys)
+                        .arg(&t.target_prefix)
+                        .arg(t.ports.first())
+                        .arg(t.ports.last())
+                        .arg(&k.router_dir)
+                        .arg(&k.service_dir)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            // The reconciler read the route as ours just before; the hub rewrote it since.
+            if deleted < 0 {
+                info!(path = %path, "route was rewritten for another target; left alone");
+            }
             Ok(())
         })
     }
@@ -352,9 +329,14 @@ mod tests {
             ..TraefikRedisConfig::default()
         };
         check_config(&config).unwrap();
-        let backend =
-            TraefikRedis::from_config(&config, &ChpConfig::default(), BaseUrl::new("/").unwrap())
-                .unwrap();
+        let tunnels = TunnelTargets::new("127.0.0.1", PortRange::new(20000, 20099).unwrap());
+        let backend = TraefikRedis::from_config(
+            &config,
+            &ChpConfig::default(),
+            BaseUrl::new("/").unwrap(),
+            tunnels,
+        )
+        .unwrap();
         let shown = format!("{backend:?} {config:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert_eq!(
