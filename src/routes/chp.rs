@@ -281,19 +281,20 @@ impl RouteBackend for ChpClient {
         })
     }
 
-    fn delete<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn delete<'a>(&'a self, seen: &'a RouteEntry) -> BoxFuture<'a, anyhow::Result<bool>> {
         Box::pin(async move {
+            // CHP has no compare-and-delete: the path goes, right after the reconciler's read.
             let resp = self
-                .request(reqwest::Method::DELETE, &path.to_string())?
+                .request(reqwest::Method::DELETE, &seen.path.to_string())?
                 .send()
                 .await
                 .context("DELETE route")?;
             // The hub usually deleted it first, on stop.
             if resp.status() == reqwest::StatusCode::NOT_FOUND {
-                return Ok(());
+                return Ok(false);
             }
             check(resp, "DELETE route").await?;
-            Ok(())
+            Ok(true)
         })
     }
 

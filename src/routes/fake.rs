@@ -177,13 +177,13 @@ impl RouteBackend for Fake {
         })
     }
 
-    fn delete<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn delete<'a>(&'a self, seen: &'a RouteEntry) -> BoxFuture<'a, anyhow::Result<bool>> {
         Box::pin(async move {
             let mut state = self.check()?;
-            let path = path.to_string();
-            state.table.remove(&path);
+            let path = seen.path.to_string();
+            let gone = state.table.remove(&path).is_some();
             state.writes.push(Write::Delete(path));
-            Ok(())
+            Ok(gone)
         })
     }
 

@@ -70,8 +70,11 @@ pub trait RouteBackend: Send + Sync + 'static {
     fn get<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<Option<RouteEntry>>>;
     /// Writes (or overwrites) `entry`, stamp included, in one step.
     fn put<'a>(&'a self, entry: &'a RouteEntry) -> BoxFuture<'a, anyhow::Result<()>>;
-    /// Deletes the route at `path`; an absent route is success.
-    fn delete<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<()>>;
+    /// Deletes the route at `seen.path` if it is still `seen` (our stamp, the same target), the
+    /// route the reconciler read and judged ours: Ok(true) when deleted, Ok(false) when it is
+    /// absent or was rewritten meanwhile (left alone). A backend that can compare and delete in
+    /// one step does (traefik-redis); CHP cannot and deletes the path, right after the read.
+    fn delete<'a>(&'a self, seen: &'a RouteEntry) -> BoxFuture<'a, anyhow::Result<bool>>;
     /// The proxy lost the hub's route (it restarted empty): get the routes we do not own
     /// restored, if the backend knows how. Ok(false) when it does not.
     fn proxy_restarted(&self) -> BoxFuture<'_, anyhow::Result<bool>> {

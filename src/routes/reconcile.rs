@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Op, RouteEntry, RoutePath, Routes};
+use super::{Op, RouteEntry, Routes};
 
 /// After asking the hub to restore its routes, how long before asking again while its route
 /// stays missing (a hub that is down, or a proxy that keeps losing its table).
@@ -82,20 +82,22 @@ impl Routes {
                 let gate = Arc::clone(&gate);
                 deletes.spawn(async move {
                     let _turn = gate.acquire().await;
-                    backend.delete(&entry.path).await.map(|()| entry.path)
+                    backend.delete(&entry).await.map(|gone| (entry.path, gone))
                 });
             }
             let mut deleted = 0;
             while let Some(done) = deletes.join_next().await {
                 match done {
-                    Ok(Ok(path)) => {
-                        deleted += 1;
+                    Ok(Ok((path, gone))) => {
                         self.count("delete", true);
-                        Event::RouteRemoved {
-                            path: &path,
-                            shutdown: true,
+                        if gone {
+                            deleted += 1;
+                            Event::RouteRemoved {
+                                path: &path,
+                                shutdown: true,
+                            }
+                            .record(&self.inner.metrics);
                         }
-                        .record(&self.inner.metrics);
                     }
                     Ok(Err(e)) => {
                         self.count("delete", false);
@@ -136,7 +138,7 @@ impl Routes {
                 }
                 // Only if the route there is still ours: the hub may have rewritten it.
                 match self.inner.backend.get(&path).await {
-                    Ok(Some(entry)) if self.ours(&entry) => self.delete(&path).await,
+                    Ok(Some(entry)) if self.ours(&entry) => self.delete(&entry).await,
                     Ok(Some(_)) => info!(path = %path, "route is no longer ours; left alone"),
                     Ok(None) => {}
                     Err(e) => {
@@ -156,15 +158,17 @@ impl Routes {
         result.is_ok()
     }
 
-    async fn delete(&self, path: &RoutePath) {
-        let result = self.inner.backend.delete(path).await;
+    async fn delete(&self, seen: &RouteEntry) {
+        let path = &seen.path;
+        let result = self.inner.backend.delete(seen).await;
         self.count("delete", result.is_ok());
         match result {
-            Ok(()) => Event::RouteRemoved {
-                path: &path,
+            Ok(true) => Event::RouteRemoved {
+                path,
                 shutdown: false,
             }
             .record(&self.inner.metrics),
+            Ok(false) => info!(path = %path, "route was rewritten meanwhile; left alone"),
             Err(e) => {
                 warn!(path = %path, error = %format!("{e:#}"), "route delete failed; retrying at the next reconcile")
             }
@@ -209,7 +213,7 @@ impl Routes {
         for have in &listing.ours {
             let wanted = winners.iter().any(|(_, w)| w.path == have.path);
             if !wanted && self.ours(have) {
-                self.delete(&have.path).await;
+                self.delete(have).await;
             }
         }
         self.watch_hub(hub, listing.hub_present).await;

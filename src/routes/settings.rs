@@ -132,7 +132,6 @@ pub fn build(
             config.traefik_redis,
             config.chp,
             settings.base_url.clone(),
-            traefik_redis::TunnelTargets::new(&tunnel_host, ports),
         )?),
         RouteBackendKind::None => return Ok(None),
     };

@@ -5,8 +5,8 @@
 //! - `put` is one MULTI/EXEC of an MSET (what the library itself sends), so traefik's provider,
 //!   which reads the whole tree, never sees half a route.
 //! - `delete` is one small Lua script (`traefik_delete.lua`) that checks the route is still
-//!   ours (our stamp, and a target on our tunnel host in our port range) and deletes the keys
-//!   the route's layout names, as one atomic step. It never SCANs: Redis cannot interrupt a
+//!   the one the reconciler read and judged ours (our stamp, the same target) and deletes the
+//!   keys the route's layout names, as one atomic step. It never SCANs: Redis cannot interrupt a
 //!   running script (our `CALL_TIMEOUT` only stops waiting for it), and one that has written
 //!   cannot be killed, so a script's work must not grow with the keyspace.
 //! - `list` walks `<jh>/routes/*` with SCAN pages and MGET batches from here, as the library's
@@ -17,11 +17,11 @@
 //! - Every call is bounded (`CALL_TIMEOUT`); a failed call drops the connection, and the next
 //!   call dials again, so a Redis restart or a dead link never wedges the route worker.
 //! - The hub writing a route at a path we stamped (its `add_route` MSET) leaves our
-//!   `data/tunnelbot` key there. When that route's target is our tunnel host and range (what
-//!   the spawner returns: the tunnel's own hub port), our delete removes it once the tunnel
-//!   ends, as intended: the port is free and no route may point at it. A route the hub wrote
-//!   with any other target is never deleted; the script checks the target itself, so a hub
-//!   write between our read and our delete cannot slip through.
+//!   `data/tunnelbot` key there. When that route's target is one the reconciler counts as ours
+//!   (what the spawner returns: the tunnel's own hub port), it is deleted once the tunnel ends,
+//!   as intended: the port is free and no route may point at it. A route the hub wrote with any
+//!   other target is never deleted; the script compares the target itself, so a hub write
+//!   between our read and our delete cannot slip through.
 //! - A Redis that restarted empty has lost the hub's route too; the reconciler sees it missing
 //!   and `proxy_restarted` asks the hub to restore its routes (`POST /hub/api/proxy`), with the
 //!   hub API settings `[chp]` already holds (or a managed service's environment).
@@ -39,7 +39,6 @@ use super::ChpConfig;
 use super::traefik_keys::{self, Layout};
 use super::{BaseUrl, BoxFuture, Listing, RouteBackend, RouteEntry, RoutePath};
 use crate::keys::read_secret_file;
-use crate::port_range::PortRange;
 use crate::secret::Secret;
 
 mod config;
@@ -59,7 +58,6 @@ pub struct TraefikRedis {
     layout: Layout,
     base_url: BaseUrl,
     /// What a target of ours looks like, for the delete script's check.
-    tunnels: TunnelTargets,
     hub: Option<(String, Secret)>,
     http: reqwest::Client,
 }
@@ -74,30 +72,12 @@ impl std::fmt::Debug for TraefikRedis {
     }
 }
 
-/// The tunnel host and hub ports: a route targeting anything else is not ours to delete.
-#[derive(Debug, Clone)]
-pub struct TunnelTargets {
-    /// `http://<host>:`, the targets' common start.
-    target_prefix: String,
-    ports: PortRange,
-}
-
-impl TunnelTargets {
-    /// Targets `http://<host>:<port>` with `port` in `ports`, as `Routes` makes them.
-    pub fn new(host: &str, ports: PortRange) -> Self {
-        Self {
-            target_prefix: format!("http://{host}:"),
-            ports,
-        }
-    }
-}
-
 /// Checks and deletes one route (see the script's header).
 static DELETE: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(include_str!("traefik_delete.lua")));
 
 impl TraefikRedis {
-    /// From `[traefik_redis]`, for routes under `base_url` to `tunnels`; the hub's API (to
+    /// From `[traefik_redis]`, for routes under `base_url`; the hub's API (to
     /// restore its routes after Redis lost them) from `[chp]`'s `hub_api_url` and
     /// `hub_token_file`, else the managed-service environment. Nothing connects until the
     /// first call.
@@ -105,7 +85,6 @@ impl TraefikRedis {
         config: &TraefikRedisConfig,
         chp: &ChpConfig,
         base_url: BaseUrl,
-        tunnels: TunnelTargets,
     ) -> anyhow::Result<Self> {
         let password = config
             .password_file
@@ -120,7 +99,6 @@ impl TraefikRedis {
             conn: Mutex::new(None),
             layout: layout(config)?,
             base_url,
-            tunnels,
             hub,
             http: reqwest::Client::builder().timeout(CALL_TIMEOUT).build()?,
         })
@@ -276,18 +254,17 @@ impl RouteBackend for TraefikRedis {
         })
     }
 
-    fn delete<'a>(&'a self, path: &'a RoutePath) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn delete<'a>(&'a self, seen: &'a RouteEntry) -> BoxFuture<'a, anyhow::Result<bool>> {
         Box::pin(async move {
+            let path = &seen.path;
             let k = self.layout.keys(path);
             let keys = self.layout.named_keys(path);
-            let t = &self.tunnels;
+            let target = seen.target.to_string();
             let deleted: i64 = self
                 .call("deleting a route", |mut c| async move {
                     DELETE
                         .key(keys)
-                        .arg(&t.target_prefix)
-                        .arg(t.ports.first())
-                        .arg(t.ports.last())
+                        .arg(&target)
                         .arg(&k.router_dir)
                         .arg(&k.service_dir)
                         .invoke_async(&mut c)
@@ -298,7 +275,7 @@ impl RouteBackend for TraefikRedis {
             if deleted < 0 {
                 info!(path = %path, "route was rewritten for another target; left alone");
             }
-            Ok(())
+            Ok(deleted > 0)
         })
     }
 
@@ -329,14 +306,9 @@ mod tests {
             ..TraefikRedisConfig::default()
         };
         check_config(&config).unwrap();
-        let tunnels = TunnelTargets::new("127.0.0.1", PortRange::new(20000, 20099).unwrap());
-        let backend = TraefikRedis::from_config(
-            &config,
-            &ChpConfig::default(),
-            BaseUrl::new("/").unwrap(),
-            tunnels,
-        )
-        .unwrap();
+        let backend =
+            TraefikRedis::from_config(&config, &ChpConfig::default(), BaseUrl::new("/").unwrap())
+                .unwrap();
         let shown = format!("{backend:?} {config:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert_eq!(
