@@ -99,7 +99,7 @@ def _spawner_on_sqlite(tmp_path: Path) -> Tuple[SimpleNamespace, Path]:
     session.add(row)
     session.commit()
     spawner = SimpleNamespace(
-        server=Server(orm_server=row), log=_Log(), _log_name="alice", orm_spawner=None,
+        server=Server(orm_server=row), log=_Log(), _log_name="alice", orm_spawner=None, tunnel_id="tb_x",
         tunnel_host="127.0.0.1", tunnel_port=20001, _spawn_pending=False,
         db=session,  # as the hub's app holds it: a session nobody holds drops its rows
     )
@@ -127,6 +127,7 @@ def test_follow_moves_and_commits_the_server_once(tmp_path: Path) -> None:
     "tunnel_id, tunnel, pending",
     [
         ("tb_other", _tunnel(tunnel_host=NEW_HOST), False),  # an answer for another tunnel
+        ("tb_other", _tunnel(id="tb_other", tunnel_host=NEW_HOST), False),  # not this server's tunnel
         ("tb_x", _tunnel(tunnel_host=NEW_HOST, state="revoked"), False),  # ended: no route
         ("tb_x", None, False),  # unknown to the broker
         ("tb_x", _tunnel(tunnel_host="evil@host"), False),  # not one host

@@ -61,6 +61,8 @@ def follow_server_address(spawner: Any, tunnel_id: str, tunnel: Optional[Tunnel]
     """
     if tunnel is None or tunnel.id != tunnel_id or not tunnel.active:
         return False
+    if getattr(spawner, "tunnel_id", tunnel_id) != tunnel_id:  # a leftover's answer: not this server's
+        return False
     address = server_address(tunnel)
     if address is None:
         spawner.log.warning(
