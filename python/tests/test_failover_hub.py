@@ -140,6 +140,8 @@ def test_follow_leaves_the_server_alone(
     spawner, db_file = _spawner_on_sqlite(tmp_path)
     spawner._spawn_pending = pending
     assert not follow_server_address(spawner, tunnel_id, tunnel)
+    assert not follow_server_address(spawner, tunnel_id, tunnel)
+    assert len(spawner.log.lines) == (1 if tunnel is not None and "@" in (tunnel.tunnel_host or "") else 0)
     assert spawner.server.host == "http://127.0.0.1:20001"
     assert _committed(db_file) == [("127.0.0.1", 20001)]
 

@@ -65,12 +65,15 @@ def follow_server_address(spawner: Any, tunnel_id: str, tunnel: Optional[Tunnel]
         return False
     address = server_address(tunnel)
     if address is None:
-        spawner.log.warning(
-            "tunnelbot: ignoring the broker's address %r port %r for tunnel %s",
-            tunnel.tunnel_host,
-            tunnel.port,
-            tunnel_id,
-        )
+        refused = (tunnel_id, tunnel.tunnel_host, tunnel.port)
+        if getattr(spawner, "_tunnelbot_refused_address", None) != refused:  # once, not every poll
+            spawner._tunnelbot_refused_address = refused
+            spawner.log.warning(
+                "tunnelbot: ignoring the broker's address %r port %r for tunnel %s",
+                tunnel.tunnel_host,
+                tunnel.port,
+                tunnel_id,
+            )
         return False
     ip, port = address
     spawner.tunnel_host, spawner.tunnel_port = tunnel.tunnel_host or "127.0.0.1", port
