@@ -160,6 +160,7 @@ def start_broker(
     ssh_host: str = "127.0.0.1",
     sections: Optional[Dict[str, str]] = None,
     routes: str = "",
+    bind_address: str = "127.0.0.1",
 ) -> Broker:
     """Run ``tunnelbot serve`` on 127.0.0.1 and wait (bounded) for its ready file.
 
@@ -167,7 +168,8 @@ def start_broker(
     keys and state) of the broker it replaces. ``ssh_host``: where jobs dial in (a test's own
     namespace-facing address, for example). ``sections``: extra TOML lines per section
     (``{"ssh": 'trusted_user_ca_keys = "..."'}``). ``routes``: whole route tables (``[routes]``
-    and its backend's), in place of the ``[chp]`` table ``chp`` makes.
+    and its backend's), in place of the ``[chp]`` table ``chp`` makes. ``bind_address``: where
+    hub ports listen (and, without a ``tunnels.public_host``, the host routes name).
     """
     more = {name: (lines.rstrip("\n") + "\n") for name, lines in (sections or {}).items()}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ def start_broker(
         f"{public}"
         f"{more.get('ssh', '')}"
         "[tunnels]\n"
-        'bind_address = "127.0.0.1"\n'
+        f'bind_address = "{bind_address}"\n'
         f"{more.get('tunnels', '')}"
         "[admin]\n"
         f'listen = "127.0.0.1:{admin_port}"\n'

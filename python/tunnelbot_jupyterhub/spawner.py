@@ -6,6 +6,10 @@ reserved for this spawn. ``start()`` returns ``(tunnel_host, P)`` (the host the 
 the proxy dials, ``127.0.0.1`` from an older broker): JupyterHub (and CHP) only ever see the
 hub side of the tunnel, never the node's address or port.
 
+After a failover the new active broker routes to its own ``tunnel_host``; the renewal each
+``poll()`` makes reports it, and the hub's server record follows (address.py), so JupyterHub's
+``check_routes`` keeps the new route instead of writing the old broker's address back.
+
 Leases: the tunnel is issued with ``lease_seconds`` and renewed while ``start()`` waits and
 from every ``poll()``, so a tunnel whose hub record is gone (or whose revoke was lost) ends
 within the lease. A revoke that fails is kept in the spawner's state and retried.
@@ -26,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from jupyterhub.spawner import LocalProcessSpawner, Spawner
 from traitlets import Enum, Float, Integer, List as ListTrait, TraitError, Unicode, default, validate
 
+from .address import follow_server_address
 from .broker import BrokerClient, BrokerError, Tunnel
 from .credential import _unix_seconds, pin_known_hosts, render_bundle
 from .wrapper import job_wrapper_path
@@ -356,6 +361,8 @@ class TunnelbotSpawnerMixin(Spawner):
                 return current
         if current is not None:
             self._tunnelbot_last_renewal = asyncio.get_running_loop().time()
+        # Every poll renews, so this is where the hub learns that a standby broker took over.
+        follow_server_address(self, tunnel_id, current)
         return current
 
     async def check_tunnel(self, broker: BrokerClient, tunnel_id: str) -> Optional[Tunnel]:
