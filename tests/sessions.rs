@@ -70,7 +70,11 @@ async fn a_copy_of_a_live_jobs_key_cannot_take_its_tunnel() -> anyhow::Result<()
 #[tokio::test]
 async fn a_frozen_session_is_replaced_by_the_jobs_next_login_on_the_same_port() -> anyhow::Result<()>
 {
-    let broker = TestBroker::start("").await?;
+    // At capacity, too: the credential's own reconnect takes its holder's room.
+    let broker = TestBroker::start_with("", |_, _| {
+        Ok("[chp]\nenabled = false\n[limits]\nmax_sessions = 1\n".into())
+    })
+    .await?;
     let issued = broker.issue("carol", "", 600).await?;
     let first_nb = echo("first:").await?;
     let second_nb = echo("second:").await?;
