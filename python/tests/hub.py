@@ -6,6 +6,8 @@ browser-like client that logs in and talks to the hub and the server through CHP
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -164,6 +166,21 @@ def hub_config(
         f"c.SharedPasswordAuthenticator.user_password = '{password}'\n"
         f"c.Authenticator.allowed_users = {{'{username}'}}\n"
     )
+
+
+class HubDir:
+    """A hub's working folder: ``notebooks/hello.txt`` for the job to serve, the login (this
+    process's user, which LocalProcessSpawner runs jobs as, and a fresh shared password), and
+    where ``jupyterhub_config.py`` and ``JUPYTER_*`` state go."""
+
+    def __init__(self, tmp_path: Path, hello: str = "hello from the job") -> None:
+        self.path = tmp_path / "hub"
+        (self.path / "notebooks").mkdir(parents=True)
+        (self.path / "notebooks" / "hello.txt").write_text(hello)
+        self.username = pwd.getpwuid(os.geteuid()).pw_name
+        self.password = secrets.token_hex(12)
+        self.jupyter = self.path / "jupyter"
+        self.config = self.path / "jupyterhub_config.py"
 
 
 class HubRunner:

@@ -7,7 +7,6 @@ jupyterhub-singleuser must be installed next to this Python. Select with ``-m e2
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import signal
 from pathlib import Path
@@ -19,6 +18,7 @@ from conftest import Broker, descendants, pid_alive, start_broker, wait_for
 from hub import (  # noqa: F401  (requirements: a fixture)
     BIN_DIR,
     BrowserLike,
+    HubDir,
     HubRunner,
     Proc,
     Stack,
@@ -45,14 +45,8 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
         chp_api = f"http://127.0.0.1:{ports['api']}"
         broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api, extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token})
 
-        username = pwd.getpwuid(os.geteuid()).pw_name  # LocalProcessSpawner runs jobs as this user
-        password = secrets.token_hex(12)
-        hub_dir = tmp_path / "hub"
-        hub_dir.mkdir()
-        (hub_dir / "notebooks").mkdir()
-        (hub_dir / "notebooks" / "hello.txt").write_text("hello from the job")
-        jupyter = hub_dir / "jupyter"
-        config = hub_dir / "jupyterhub_config.py"
+        hub = HubDir(tmp_path)
+        username, password, hub_dir, jupyter, config = hub.username, hub.password, hub.path, hub.jupyter, hub.config
 
         def write_config() -> None:
             assert broker is not None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import secrets
 import signal
 import socket
@@ -30,6 +29,7 @@ from conftest import Broker, start_broker, stop_process, wait_for
 from hub import (  # noqa: F401  (requirements: a fixture)
     BIN_DIR,
     BrowserLike,
+    HubDir,
     HubRunner,
     Proc,
     Stack,
@@ -170,14 +170,9 @@ def failover_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> It
         brokers.append(start_broker(tunnelbot_bin, bdir, chp=chp_api, extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token}))
         broker = brokers[0]
         standby_ssh = _free_port_on(NEW_HOST)
-        username = pwd.getpwuid(os.geteuid()).pw_name
-        password = secrets.token_hex(12)
         proxy_token = secrets.token_hex(16)
-        hub_dir = tmp_path / "hub"
-        (hub_dir / "notebooks").mkdir(parents=True)
-        (hub_dir / "notebooks" / "hello.txt").write_text("hello from the job")
-        jupyter = hub_dir / "jupyter"
-        config = hub_dir / "jupyterhub_config.py"
+        hub = HubDir(tmp_path)
+        username, password, hub_dir, jupyter, config = hub.username, hub.password, hub.path, hub.jupyter, hub.config
 
         def write_config() -> None:
             config.write_text(

@@ -6,7 +6,6 @@ README's `c.JupyterHub.services` entry), spawns through CHP and a tunnel, and a 
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from conftest import descendants, free_port, pid_alive, stop_process, wait_for
-from hub import BIN_DIR, BrowserLike, HubRunner, Proc, hub_config, hub_env, requirements, start_chp  # noqa: F401
+from hub import BIN_DIR, BrowserLike, HubDir, HubRunner, Proc, hub_config, hub_env, requirements, start_chp  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -50,12 +49,8 @@ def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[
         f'[chp]\nenabled = true\napi_url = "{chp_api}"\nreconcile_interval = "1s"\n'
         "[limits]\nmax_sessions = 1000\n"
     )
-    hub_dir = tmp_path / "hub"
-    (hub_dir / "notebooks").mkdir(parents=True)
-    (hub_dir / "notebooks" / "hello.txt").write_text("hello from the job")
-    username = pwd.getpwuid(os.geteuid()).pw_name
-    password = secrets.token_hex(12)
-    jupyter = hub_dir / "jupyter"
+    hub = HubDir(tmp_path)
+    username, password, hub_dir, jupyter = hub.username, hub.password, hub.path, hub.jupyter
     block = _service_block().replace(
         '["tunnelbot", "serve", "--config", "/etc/tunnelbot/tunnelbot.toml"]',
         f'["{tunnelbot_bin}", "serve", "--config", "{broker_config}", "--ready-file", "{bdir / "ready.json"}"]',

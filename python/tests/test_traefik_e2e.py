@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pwd
 import secrets
 import shutil
 import socket
@@ -26,6 +25,7 @@ from conftest import Broker, free_port, require, start_broker, wait_for
 from hub import (  # noqa: F401  (requirements: a fixture)
     BIN_DIR,
     BrowserLike,
+    HubDir,
     HubRunner,
     Proc,
     Stack,
@@ -161,14 +161,8 @@ def traefik_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Ite
                 f'[traefik_redis]\nurl = "redis://127.0.0.1:{ports["redis"]}/"\n'
             ),
         )
-        username = pwd.getpwuid(os.geteuid()).pw_name
-        password = secrets.token_hex(12)
-        hub_dir = tmp_path / "hub"
-        hub_dir.mkdir()
-        (hub_dir / "notebooks").mkdir()
-        (hub_dir / "notebooks" / "hello.txt").write_text("hello through traefik")
-        jupyter = hub_dir / "jupyter"
-        config = hub_dir / "jupyterhub_config.py"
+        hub = HubDir(tmp_path, "hello through traefik")
+        username, password, hub_dir, jupyter, config = hub.username, hub.password, hub.path, hub.jupyter, hub.config
 
         def write_config() -> None:
             assert broker is not None
