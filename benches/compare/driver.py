@@ -1229,10 +1229,11 @@ def main():
         # The broker holds 2 descriptors per connected tunnel (its reserved listener and the SSH
         # socket) plus its own ~20; the driver one per client.
         big = 10000
-        # The broker's start-up check counts every port and the unauthenticated room too.
+        # The broker's start-up check counts every port of its range (N + 201, see tb_ports),
+        # as many sessions, the unauthenticated room, the admin cap (64) and 64 of its own.
         unauth = (args.storm or 200) + 100
-        if 2 * (big + 100) + unauth + 200 > nofile:
-            big = max(1000, ((nofile - unauth - 200) // 2 - 100) // 100 * 100)
+        if 2 * (big + 201) + unauth + 128 > nofile:
+            big = max(1000, ((nofile - unauth - 128) // 2 - 201) // 100 * 100)
             big_note = ("ulimit -n is %d here and cannot be raised (no CAP_SYS_RESOURCE): "
                         "N capped at %d instead of 10,000" % (nofile, big))
             log("note:", big_note)
