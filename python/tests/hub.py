@@ -182,6 +182,21 @@ class HubDir:
         self.jupyter = self.path / "jupyter"
         self.config = self.path / "jupyterhub_config.py"
 
+    def job_lines(self) -> str:
+        """The ``c.Spawner`` lines every LocalProcessSpawner test shares: the single-user server
+        from this venv serving ``notebooks/``, generous start timeouts, jupyter's runtime files
+        kept out of the real home, and ``--allow-root`` when the tests run as root."""
+        j = self.jupyter
+        return (
+            f"c.Spawner.cmd = ['{BIN_DIR / 'jupyterhub-singleuser'}']\n"
+            f"c.Spawner.notebook_dir = '{self.path / 'notebooks'}'\n"
+            "c.Spawner.start_timeout = 60\nc.Spawner.http_timeout = 60\n"
+            f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': '{j}/runtime', "
+            f"'JUPYTER_DATA_DIR': '{j}/data', 'JUPYTER_CONFIG_DIR': '{j}/config', "
+            f"'TMPDIR': '{self.path}'}}\n"
+            + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
+        )
+
 
 class HubRunner:
     """Runs ``jupyterhub -f config`` in ``hub_dir`` (logs hub1.log, hub2.log, ...).

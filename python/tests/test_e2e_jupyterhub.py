@@ -16,7 +16,6 @@ import pytest
 
 from conftest import Broker, descendants, pid_alive, start_broker, wait_for
 from hub import (  # noqa: F401  (requirements: a fixture)
-    BIN_DIR,
     BrowserLike,
     HubDir,
     HubRunner,
@@ -45,8 +44,8 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
         chp_api = f"http://127.0.0.1:{ports['api']}"
         broker = start_broker(tunnelbot_bin, tmp_path / "broker", chp=chp_api, extra_env={"CONFIGPROXY_AUTH_TOKEN": chp_token})
 
-        hub = HubDir(tmp_path)
-        username, password, hub_dir, jupyter, config = hub.username, hub.password, hub.path, hub.jupyter, hub.config
+        hubdir = HubDir(tmp_path)
+        username, password, hub_dir, config = hubdir.username, hubdir.password, hubdir.path, hubdir.config
 
         def write_config() -> None:
             assert broker is not None
@@ -57,15 +56,7 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
                 f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
                 f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
                 "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
-                f"c.Spawner.cmd = ['{BIN_DIR / 'jupyterhub-singleuser'}']\n"
-                f"c.Spawner.notebook_dir = '{hub_dir / 'notebooks'}'\n"
-                "c.Spawner.start_timeout = 60\n"
-                "c.Spawner.http_timeout = 60\n"
-                # Keep jupyter's runtime files out of the real home directory.
-                f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': '{jupyter}/runtime', "
-                f"'JUPYTER_DATA_DIR': '{jupyter}/data', 'JUPYTER_CONFIG_DIR': '{jupyter}/config', "
-                f"'TMPDIR': '{hub_dir}'}}\n"
-                + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
+                + hubdir.job_lines()
             )
 
         hub = HubRunner(config, tmp_path, env, procs, ports, write_config).start_until_ready()

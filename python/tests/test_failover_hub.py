@@ -27,7 +27,6 @@ import pytest
 
 from conftest import Broker, start_broker, stop_process, wait_for
 from hub import (  # noqa: F401  (requirements: a fixture)
-    BIN_DIR,
     BrowserLike,
     HubDir,
     HubRunner,
@@ -171,8 +170,8 @@ def failover_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> It
         broker = brokers[0]
         standby_ssh = _free_port_on(NEW_HOST)
         proxy_token = secrets.token_hex(16)
-        hub = HubDir(tmp_path)
-        username, password, hub_dir, jupyter, config = hub.username, hub.password, hub.path, hub.jupyter, hub.config
+        hubdir = HubDir(tmp_path)
+        username, password, hub_dir, config = hubdir.username, hubdir.password, hubdir.path, hubdir.config
 
         def write_config() -> None:
             config.write_text(
@@ -188,13 +187,8 @@ def failover_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> It
                 f"c.JupyterHub.services = [{{'name': 'failover-check', 'api_token': '{proxy_token}'}}]\n"
                 "c.JupyterHub.load_roles = [{'name': 'failover-check', 'scopes': ['proxy'], "
                 "'services': ['failover-check']}]\n"
-                f"c.Spawner.cmd = ['{BIN_DIR / 'jupyterhub-singleuser'}']\n"
-                f"c.Spawner.notebook_dir = '{hub_dir / 'notebooks'}'\n"
-                "c.Spawner.start_timeout = 60\nc.Spawner.http_timeout = 60\nc.Spawner.poll_interval = 1\n"
-                f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': '{jupyter}/runtime', "
-                f"'JUPYTER_DATA_DIR': '{jupyter}/data', 'JUPYTER_CONFIG_DIR': '{jupyter}/config', "
-                f"'TMPDIR': '{hub_dir}'}}\n"
-                + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
+                "c.Spawner.poll_interval = 1\n"
+                + hubdir.job_lines()
             )
 
         hub = HubRunner(config, tmp_path, env, procs, ports, write_config).start_until_ready()

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 
 from conftest import descendants, free_port, pid_alive, stop_process, wait_for
-from hub import BIN_DIR, BrowserLike, HubDir, HubRunner, Proc, hub_config, hub_env, requirements, start_chp  # noqa: F401
+from hub import BrowserLike, HubDir, HubRunner, Proc, hub_config, hub_env, requirements, start_chp  # noqa: F401
 
 pytestmark = pytest.mark.e2e
 
@@ -49,8 +49,8 @@ def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[
         f'[chp]\nenabled = true\napi_url = "{chp_api}"\nreconcile_interval = "1s"\n'
         "[limits]\nmax_sessions = 1000\n"
     )
-    hub = HubDir(tmp_path)
-    username, password, hub_dir, jupyter = hub.username, hub.password, hub.path, hub.jupyter
+    hubdir = HubDir(tmp_path)
+    username, password, hub_dir = hubdir.username, hubdir.password, hubdir.path
     block = _service_block().replace(
         '["tunnelbot", "serve", "--config", "/etc/tunnelbot/tunnelbot.toml"]',
         f'["{tunnelbot_bin}", "serve", "--config", "{broker_config}", "--ready-file", "{bdir / "ready.json"}"]',
@@ -68,12 +68,8 @@ def managed(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[
         "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
         "c.TunnelbotSpawnerMixin.max_backoff = 1\n"
         "c.TunnelbotSpawnerMixin.lease_seconds = 30\n"
-        f"c.Spawner.cmd = ['{BIN_DIR / 'jupyterhub-singleuser'}']\n"
-        f"c.Spawner.notebook_dir = '{hub_dir / 'notebooks'}'\n"
-        "c.Spawner.start_timeout = 60\nc.Spawner.http_timeout = 60\nc.Spawner.poll_interval = 2\n"
-        f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': '{jupyter}/runtime', "
-        f"'JUPYTER_DATA_DIR': '{jupyter}/data', 'JUPYTER_CONFIG_DIR': '{jupyter}/config', 'TMPDIR': '{hub_dir}'}}\n"
-        + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
+        "c.Spawner.poll_interval = 2\n"
+        + hubdir.job_lines()
     )
     runner = HubRunner(config, tmp_path, env, procs, ports)
 

@@ -23,7 +23,6 @@ import pytest
 
 from conftest import Broker, free_port, require, start_broker, wait_for
 from hub import (  # noqa: F401  (requirements: a fixture)
-    BIN_DIR,
     BrowserLike,
     HubDir,
     HubRunner,
@@ -161,8 +160,8 @@ def traefik_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Ite
                 f'[traefik_redis]\nurl = "redis://127.0.0.1:{ports["redis"]}/"\n'
             ),
         )
-        hub = HubDir(tmp_path, "hello through traefik")
-        username, password, hub_dir, jupyter, config = hub.username, hub.password, hub.path, hub.jupyter, hub.config
+        hubdir = HubDir(tmp_path, "hello through traefik")
+        username, password, hub_dir, config = hubdir.username, hubdir.password, hubdir.path, hubdir.config
 
         def write_config() -> None:
             assert broker is not None
@@ -182,14 +181,7 @@ def traefik_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Ite
                 f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
                 f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
                 "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
-                f"c.Spawner.cmd = ['{BIN_DIR / 'jupyterhub-singleuser'}']\n"
-                f"c.Spawner.notebook_dir = '{hub_dir / 'notebooks'}'\n"
-                "c.Spawner.start_timeout = 60\n"
-                "c.Spawner.http_timeout = 60\n"
-                f"c.Spawner.environment = {{'JUPYTER_RUNTIME_DIR': '{jupyter}/runtime', "
-                f"'JUPYTER_DATA_DIR': '{jupyter}/data', 'JUPYTER_CONFIG_DIR': '{jupyter}/config', "
-                f"'TMPDIR': '{hub_dir}'}}\n"
-                + ("c.Spawner.args = ['--allow-root']\n" if os.geteuid() == 0 else "")
+                + hubdir.job_lines()
             )
 
         ports["hub"] = free_port()
