@@ -135,13 +135,7 @@ impl BrokerProcess {
 
     /// Sends `SIG<name>` ("TERM", "HUP") and returns at once.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
-        let pid = self.child.id().context("broker already reaped")?;
-        let ok = std::process::Command::new("kill")
-            .args([format!("-{name}"), pid.to_string()])
-            .status()?
-            .success();
-        anyhow::ensure!(ok, "kill -{name} {pid} failed");
-        Ok(())
+        signal(&self.child, name, "broker")
     }
 
     /// Waits (bounded) for the process to exit.
@@ -231,4 +225,18 @@ impl BrokerProcess {
         })
         .await
     }
+}
+
+/// Sends `SIG<name>` ("TERM", "STOP") to `child`, the `what` of an error message, and returns at
+/// once.
+pub fn signal(child: &Child, name: &str, what: &str) -> anyhow::Result<()> {
+    let pid = child
+        .id()
+        .with_context(|| format!("{what} already reaped"))?;
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "kill -{name} {pid} failed");
+    Ok(())
 }

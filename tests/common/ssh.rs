@@ -162,13 +162,7 @@ impl Ssh {
 
     /// Sends `SIG<name>` (e.g. "STOP", "CONT") to the ssh process.
     pub fn signal(&self, name: &str) -> anyhow::Result<()> {
-        let pid = self.child.id().context("ssh already reaped")?;
-        let ok = std::process::Command::new("kill")
-            .args([format!("-{name}"), pid.to_string()])
-            .status()?
-            .success();
-        anyhow::ensure!(ok, "kill -{name} {pid} failed");
-        Ok(())
+        super::process::signal(&self.child, name, "ssh")
     }
 
     /// Whether ssh is still running.
