@@ -198,6 +198,17 @@ class HubDir:
         )
 
 
+def broker_lines(broker: Broker) -> str:
+    """The ``jupyterhub_config.py`` lines that make our LocalProcessSpawner the hub's, pointed at
+    ``broker``'s admin API, its jobs dialling the broker's SSH on 127.0.0.1."""
+    return (
+        "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
+        f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
+        f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
+        "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
+    )
+
+
 class HubRunner:
     """Runs ``jupyterhub -f config`` in ``hub_dir`` (logs hub1.log, hub2.log, ...).
 
@@ -299,6 +310,14 @@ class BrowserLike:
         assert r.status_code == 200, r.text
         servers: Dict[str, Any] = r.json().get("servers", {})
         return servers.get("")
+
+    def start_server(self, detail: Callable[[], str]) -> None:
+        """Starts the user's default server through the hub's API, as the spawn page's button
+        does, and waits (bounded) until the hub says it is ready; `detail` names the logs to
+        show on a timeout."""
+        r = self.hub_api("POST", f"/users/{self.stack.username}/server")
+        assert r.status_code in (201, 202), r.text
+        wait_for(lambda: (self.server() or {}).get("ready"), 90, "the server to be ready", 0.2, detail=detail)
 
     def status(self) -> int:
         """GET /user/<name>/api/status through CHP's public port."""

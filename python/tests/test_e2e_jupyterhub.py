@@ -21,6 +21,7 @@ from hub import (  # noqa: F401  (requirements: a fixture)
     HubRunner,
     Proc,
     Stack,
+    broker_lines,
     hub_config,
     hub_env,
     requirements,
@@ -52,10 +53,7 @@ def stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Iterator[St
             config.write_text(
                 "c = get_config()  # noqa\n"
                 + hub_config(ports, chp_api, hub_dir, username, password)
-                + "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
-                f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
-                f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
-                "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
+                + broker_lines(broker)
                 + hubdir.job_lines()
             )
 
@@ -81,9 +79,7 @@ def test_jupyterhub_server_through_tunnelbot(stack: Stack) -> None:
     browser = BrowserLike(stack)
     browser.login()
 
-    r = browser.hub_api("POST", f"/users/{user}/server")
-    assert r.status_code in (201, 202), r.text
-    wait_for(lambda: (browser.server() or {}).get("ready"), 90, "the server to be ready", 0.2, detail=stack.logs)
+    browser.start_server(stack.logs)
 
     # Open a file on the server as a browser would: the hub's OAuth redirects end with the
     # server's own cookie.

@@ -32,6 +32,7 @@ from hub import (  # noqa: F401  (requirements: a fixture)
     HubRunner,
     Proc,
     Stack,
+    broker_lines,
     hub_config,
     hub_env,
     requirements,
@@ -177,11 +178,8 @@ def failover_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> It
             config.write_text(
                 "c = get_config()  # noqa\n"
                 + hub_config(ports, chp_api, hub_dir, username, password)
-                + "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
-                f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
-                f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
-                "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
-                f"c.TunnelbotSpawnerMixin.standby_brokers = ['{NEW_HOST}:{standby_ssh}']\n"
+                + broker_lines(broker)
+                + f"c.TunnelbotSpawnerMixin.standby_brokers = ['{NEW_HOST}:{standby_ssh}']\n"
                 "c.TunnelbotSpawnerMixin.max_backoff = 1\n"
                 # The test triggers check_routes itself (POST /hub/api/proxy) with this token.
                 f"c.JupyterHub.services = [{{'name': 'failover-check', 'api_token': '{proxy_token}'}}]\n"
@@ -255,9 +253,7 @@ def test_hub_follows_the_new_broker_after_a_failover(failover_stack: Dict[str, A
 
     browser = BrowserLike(stack)
     browser.login()
-    r = browser.hub_api("POST", f"/users/{user}/server")
-    assert r.status_code in (201, 202), r.text
-    wait_for(lambda: (browser.server() or {}).get("ready"), 90, "the server to be ready", 0.2, detail=logs)
+    browser.start_server(logs)
     (tunnel,) = [t for t in stack.tunnels() if t["state"] == "active"]
     port = tunnel["port"]
     old_target, new_target = f"http://127.0.0.1:{port}", f"http://{NEW_HOST}:{port}"

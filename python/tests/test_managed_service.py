@@ -122,9 +122,7 @@ def test_managed_service_broker_survives_a_hub_restart(managed: Dict[str, Any]) 
              "the hub to start the broker service", detail=logs)
     browser = BrowserLike(stack)
     browser.login()
-    r = browser.hub_api("POST", f"/users/{user}/server")
-    assert r.status_code in (201, 202), r.text
-    wait_for(lambda: (browser.server() or {}).get("ready"), 90, "the server to be ready", 0.2, detail=logs)
+    browser.start_server(logs)
     page = browser.session.get(f"{stack.hub_url}/user/{user}/files/hello.txt", timeout=30)
     assert page.status_code == 200 and page.text == "hello from the job"
     assert browser.status() == 200

@@ -28,6 +28,7 @@ from hub import (  # noqa: F401  (requirements: a fixture)
     HubRunner,
     Proc,
     Stack,
+    broker_lines,
     hub_config,
     hub_env,
     launch,
@@ -177,10 +178,7 @@ def traefik_stack(requirements: None, tunnelbot_bin: str, tmp_path: Path) -> Ite
                 # A service with the proxy scope: the test makes the hub run check_routes now.
                 f"c.JupyterHub.services = [{{'name': 'checker', 'api_token': '{proxy_token}'}}]\n"
                 "c.JupyterHub.load_roles = [{'name': 'checker', 'scopes': ['proxy'], 'services': ['checker']}]\n"
-                "c.JupyterHub.spawner_class = 'tunnelbot_jupyterhub.TunnelbotLocalProcessSpawner'\n"
-                f"c.TunnelbotSpawnerMixin.broker_url = '{broker.admin_url}'\n"
-                f"c.TunnelbotSpawnerMixin.broker_token_file = '{broker.token_file}'\n"
-                "c.TunnelbotSpawnerMixin.ssh_host = '127.0.0.1'\n"
+                + broker_lines(broker)
                 + hubdir.job_lines()
             )
 
@@ -204,9 +202,7 @@ def test_jupyterhub_traefik_redis_proxy_takes_the_brokers_route(traefik_stack: t
     spec = f"/user/{user}/"
     browser = BrowserLike(stack)
     browser.login()
-    r = browser.hub_api("POST", f"/users/{user}/server")
-    assert r.status_code in (201, 202), r.text
-    wait_for(lambda: (browser.server() or {}).get("ready"), 90, "the server to be ready", 0.2, detail=stack.logs)
+    browser.start_server(stack.logs)
 
     # Through traefik's entrypoint, the hub's OAuth dance included.
     page = browser.session.get(f"{stack.hub_url}/user/{user}/files/hello.txt", timeout=30)
