@@ -38,6 +38,7 @@ pub mod chp;
 mod entry;
 #[cfg(test)]
 mod fake;
+mod held;
 mod reconcile;
 mod sections;
 mod settings;
@@ -144,7 +145,7 @@ struct Inner {
     /// The route path and hub port of every tunnel this broker holds, issued until purged:
     /// a stamped route there to that port is ours whatever host it names (the other broker
     /// of a pair wrote it before a failover).
-    held: Mutex<HashMap<String, (RoutePath, u16)>>,
+    held: Mutex<held::Held>,
 }
 
 impl Routes {
@@ -173,6 +174,10 @@ impl Routes {
                 held: Mutex::default(),
             }),
         }
+    }
+
+    fn held(&self) -> MutexGuard<'_, held::Held> {
+        self.inner.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn wanted(&self) -> MutexGuard<'_, HashMap<String, Wanted>> {
@@ -298,33 +303,19 @@ impl Routes {
             return false;
         }
         entry.target.host == self.inner.target_host
-            || self
-                .inner
-                .held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .values()
-                .any(|(path, port)| *path == entry.path && *port == entry.target.port)
+            || self.held().contains(&entry.path, entry.target.port)
     }
 
     /// Tunnel `id` of `user`'s `server_name` holds hub port `port` (issued or restored).
     fn hold(&self, id: &str, user: &str, server_name: &str, port: u16) {
         if let Ok(entry) = self.entry_for(user, server_name, port) {
-            self.inner
-                .held
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.to_owned(), (entry.path, port));
+            self.held().insert(id, entry.path, port);
         }
     }
 
     /// Tunnel `id` is forgotten.
     fn forget(&self, id: &str) {
-        self.inner
-            .held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.held().remove(id);
     }
 }
 
